@@ -1,0 +1,285 @@
+"""Building blocks shared by the 3D CV-VAE networks and the 2D image VAE.
+
+Everything is channels-last: videos are (B, T, H, W, C), images (B, H, W, C).
+Parameter names mirror the PyTorch modules they replace (`kernel`/`scale`/`bias`
+standing for torch's `weight`/`bias`), so that a flat path of the NNX state is the
+official state-dict key; `weights.py` relies on that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+# One spatial axis of padding: (before, after, mode) with mode "zeros" or "edge".
+# "edge" is torch's "replicate".
+AxisPad = tuple[int, int, str]
+
+ZEROS = "zeros"
+EDGE = "edge"
+
+# torch's default conv/linear init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)).
+torch_like_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    # torch.nn.GELU defaults to the exact erf form.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown act_fn {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def same_pads(ndim: int, p: int, mode: str) -> tuple[AxisPad, ...]:
+    return ((p, p, mode),) * ndim
+
+
+def causal_pads(p: int, space_mode: str) -> tuple[AxisPad, ...]:
+    """Time padded only in front (replicating the first frame): frame t never sees t+1."""
+    return ((2 * p, 0, EDGE), (p, p, space_mode), (p, p, space_mode))
+
+
+class Conv(nnx.Conv):
+    """A convolution over the trailing `len(kernel_size)` axes with per-axis padding.
+
+    torch pads explicitly before its convolutions (replicate in time, zeros or
+    replicate in space); we do the same and then run a VALID convolution, so the
+    numbers match. Leading axes beyond the convolved ones are batch axes, which
+    is how a 2D conv runs frame by frame on a (B, T, H, W, C) video.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        pads: Sequence[AxisPad],
+        *,
+        strides: Sequence[int] | None = None,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kernel_size = tuple(kernel_size)
+        if len(pads) != len(kernel_size):
+            raise ValueError(f"need one pad per conv axis, got {pads} for kernel {kernel_size}")
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size,
+            strides=tuple(strides) if strides else 1,
+            padding=tuple((lo, hi) if mode == ZEROS else (0, 0) for lo, hi, mode in pads),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=torch_like_init,
+            rngs=rngs,
+        )
+        lead = ((0, 0),)
+        self.edge_pads = (
+            None
+            if all(mode == ZEROS for _, _, mode in pads)
+            else tuple((lo, hi) if mode == EDGE else (0, 0) for lo, hi, mode in pads) + lead
+        )
+        for _, _, mode in pads:
+            if mode not in (ZEROS, EDGE):
+                raise ValueError(f"unknown padding mode {mode!r}")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.edge_pads is not None:
+            n_batch = x.ndim - len(self.edge_pads)
+            x = jnp.pad(x, ((0, 0),) * n_batch + self.edge_pads, mode="edge")
+        return super().__call__(x)
+
+
+def conv2d(cin, cout, k, *, dtype, param_dtype, rngs, pad_mode=ZEROS, strides=None) -> Conv:
+    """torch Conv2d(k, padding=k // 2); on a video it runs frame by frame."""
+    return Conv(cin, cout, (k, k), same_pads(2, k // 2, pad_mode), strides=strides,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the compute dtype.
+
+    Statistics run over every non-batch axis, which for a (B, T, H, W, C) video is
+    what torch's GroupNorm does on (B, C, T, H, W). The two-pass variance matches
+    torch on activations with a large mean, where the fast variance does not.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float, *, param_dtype, rngs):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        super().__init__(channels, groups, epsilon=eps, dtype=jnp.float32,
+                         param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(C)) v over axis 1 of (N, L, C) arrays, one head."""
+    out = jax.nn.dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :])
+    return out[:, :, 0, :]
+
+
+def _per_frame(x: jax.Array) -> jax.Array:
+    """(..., H, W, C) -> (N, H, W, C): the official blocks fold time into the batch
+    before their GroupNorm, so its statistics are per frame."""
+    return x.reshape(-1, *x.shape[-3:])
+
+
+def _tokens(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, H*W, C)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LDMAttention(nnx.Module):
+    """The LDM `AttnBlock` / `MemoryEfficientAttnBlock`: per-frame spatial attention.
+
+    q/k/v/proj_out are 1x1 Conv2d in the official weights, kept as such here.
+    With `temporal=True` it is `MemoryEfficientAttnVideoBlock`: the spatial result
+    (without its residual) goes through a LayerNorm + attention over time at each
+    pixel, and only then is added to the input.
+    """
+
+    def __init__(self, channels: int, *, temporal: bool, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(channels, 32, 1e-5, param_dtype=param_dtype, rngs=rngs)
+        self.q = conv2d(channels, channels, 1, **kw)
+        self.k = conv2d(channels, channels, 1, **kw)
+        self.v = conv2d(channels, channels, 1, **kw)
+        self.proj_out = conv2d(channels, channels, 1, **kw)
+        self.temporal = temporal
+        if temporal:
+            lin = dict(kernel_init=torch_like_init, **kw)
+            self.norm_t = nnx.LayerNorm(channels, epsilon=1e-5, dtype=jnp.float32,
+                                        param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+            self.q_t = nnx.Linear(channels, channels, **lin)
+            self.k_t = nnx.Linear(channels, channels, **lin)
+            self.v_t = nnx.Linear(channels, channels, **lin)
+            self.proj_out_t = nnx.Linear(channels, channels, **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.norm(_per_frame(x))
+        q, k, v = _tokens(self.q(h)), _tokens(self.k(h)), _tokens(self.v(h))
+        h = self.proj_out(single_head_attention(q, k, v).reshape(h.shape)).reshape(x.shape)
+        if self.temporal:
+            b, t, hh, ww, c = h.shape
+            h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, t, c)
+            h = self.norm_t(h.astype(jnp.float32)).astype(x.dtype)
+            h = self.proj_out_t(single_head_attention(self.q_t(h), self.k_t(h), self.v_t(h)))
+            h = h.reshape(b, hh, ww, t, c).transpose(0, 3, 1, 2, 4)
+        return x + h
+
+
+class DiffusersAttention(nnx.Module):
+    """diffusers `Attention` as the VAE mid-blocks build it: one head, GroupNorm in,
+    linear q/k/v/out with bias, residual. Runs per frame on videos."""
+
+    def __init__(self, channels: int, groups: int, eps: float, *, dtype, param_dtype, rngs):
+        lin = dict(kernel_init=torch_like_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.group_norm = GroupNorm(channels, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = nnx.Linear(channels, channels, **lin)
+        self.to_k = nnx.Linear(channels, channels, **lin)
+        self.to_v = nnx.Linear(channels, channels, **lin)
+        self.to_out = nnx.List([nnx.Linear(channels, channels, **lin)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _tokens(self.group_norm(_per_frame(x)))
+        h = single_head_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        return x + self.to_out[0](h).reshape(x.shape)
+
+
+class ResnetBlock(nnx.Module):
+    """norm1 -> act -> conv1 -> norm2 -> act -> conv2, plus a (projected) shortcut.
+
+    The convolutions are built by the caller, so the same block serves the causal
+    3D encoder, the 3D decoder, the `half_3d` variant and the 2D image VAE. The
+    shortcut's attribute name differs between the LDM (`nin_shortcut`) and
+    diffusers (`conv_shortcut`) layouts, hence `shortcut_name`.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        *,
+        conv1: Conv,
+        conv2: Conv,
+        shortcut: Conv | None,
+        shortcut_name: str,
+        groups: int,
+        eps: float,
+        act: Callable[[jax.Array], jax.Array],
+        param_dtype,
+        rngs,
+    ):
+        self.norm1 = GroupNorm(cin, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = conv1
+        self.norm2 = GroupNorm(cout, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = conv2
+        self.act = act
+        self.shortcut_name = shortcut_name if shortcut is not None else None
+        if shortcut is not None:
+            setattr(self, shortcut_name, shortcut)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        if self.shortcut_name is not None:
+            x = getattr(self, self.shortcut_name)(x)
+        return x + h
+
+
+def upsample_nearest_hw(x: jax.Array) -> jax.Array:
+    """torch interpolate(scale_factor=(1, 2, 2), mode="nearest") on (..., H, W, C)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+
+
+def unfold_time(x: jax.Array, n: int) -> jax.Array:
+    """torch `rearrange(x, "b (n c) t h w -> b c (t n) h w")` in channels-last.
+
+    A conv that emits n*C channels per frame becomes n frames of C channels,
+    interleaved in time; the temporal upsamplers then drop the first frame so that
+    1 + k frames become 1 + 2k.
+    """
+    b, t, h, w, nc = x.shape
+    c = nc // n
+    x = x.reshape(b, t, h, w, n, c).transpose(0, 1, 4, 2, 3, 5)
+    return x.reshape(b, t * n, h, w, c)
+
+
+class Downsample(nnx.Module):
+    """A strided conv; a module of its own because the official key is `...downsample(rs.0).conv`."""
+
+    def __init__(self, conv: Conv):
+        self.conv = conv
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest 2x in space, then a conv; with `up_time=2` the conv emits two frames
+    per input frame and the first output frame is dropped (1 + k -> 1 + 2k)."""
+
+    def __init__(self, conv: Conv, up_time: int):
+        self.conv = conv
+        self.up_time = up_time
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(upsample_nearest_hw(x))
+        if self.up_time > 1:
+            x = unfold_time(x, self.up_time)[:, 1:]
+        return x

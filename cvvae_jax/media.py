@@ -1,0 +1,192 @@
+"""Video and image I/O for people and tests: channels-last uint8 frames, PyAV for mp4.
+
+Frames are numpy arrays shaped (T, H, W, 3). The model side works in float32 in
+[-1, 1]; `to_float` and `to_uint8` are the only conversions between the two.
+PyAV wheels bundle FFmpeg with libx264, so no system ffmpeg is needed.
+"""
+
+from __future__ import annotations
+
+import fractions
+import pathlib
+from typing import Sequence
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# White gap between tiles: wide enough to see, narrow enough not to waste pixels.
+_SEPARATOR_PX = 4
+_LABEL_PAD_PX = 6
+
+
+def to_float(frames: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise TypeError(f"to_float expects uint8 pixels, got dtype {frames.dtype}")
+    return frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(x) -> np.ndarray:
+    """Float pixels in [-1, 1] -> uint8, clipping out-of-range model outputs."""
+    x = np.asarray(x, dtype=np.float32)  # also takes jax arrays, bf16 included
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _as_uint8_video(frames, what: str) -> np.ndarray:
+    """Validates a (T, H, W, 3) video; float videos are taken to be in [-1, 1]."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{what}: expected frames shaped (T, H, W, 3), got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError(f"{what}: video has no frames")
+    if frames.dtype == np.uint8:
+        return frames
+    if np.issubdtype(frames.dtype, np.floating):
+        return to_uint8(frames)
+    raise TypeError(f"{what}: expected uint8 or float frames, got dtype {frames.dtype}")
+
+
+def read_video(
+    path, *, max_frames: int | None = None, start: int = 0, stride: int = 1
+) -> tuple[np.ndarray, float]:
+    """Decodes frames start, start + stride, ... (at most max_frames) of the first video stream.
+
+    Returns (uint8 frames (T, H, W, 3), frames per second of the source).
+    """
+    path = pathlib.Path(path)
+    if start < 0 or stride < 1 or (max_frames is not None and max_frames < 1):
+        raise ValueError(
+            f"read_video({path}): need start >= 0, stride >= 1, max_frames >= 1 or None; "
+            f"got start={start}, stride={stride}, max_frames={max_frames}")
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"video file is empty (0 bytes): {path}")
+
+    frames = []
+    n_decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate
+            for frame in container.decode(stream):
+                index = n_decoded
+                n_decoded += 1
+                if index < start or (index - start) % stride:
+                    continue
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) == max_frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode {path} as a video: {e}") from e
+
+    if not frames:
+        raise ValueError(
+            f"no frames read from {path}: {n_decoded} decodable frame(s), start={start}")
+    if not rate:
+        raise ValueError(f"{path} does not declare a frame rate")
+    return np.stack(frames), float(rate)
+
+
+def write_video(path, frames, fps: float, *, crf: int = 23) -> None:
+    """Writes an H.264 yuv420p mp4 that common players open.
+
+    `frames` is uint8 or float in [-1, 1], shaped (T, H, W, 3).
+    """
+    path = pathlib.Path(path)
+    frames = _as_uint8_video(frames, f"write_video({path})")
+    if not fps > 0:
+        raise ValueError(f"write_video({path}): fps must be positive, got {fps}")
+    # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes: pad the
+    # bottom/right edge by replicating the last row/column. A reader gets one extra
+    # row/column on odd sides, rather than an error or a resampled picture.
+    _, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+    # 1001 keeps NTSC rates exact (30000/1001) while integer rates stay integers.
+    rate = fractions.Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flushes frames the encoder still holds
+
+
+def side_by_side(*videos) -> np.ndarray:
+    """Concatenates videos along width with white separators, e.g. input | reconstruction."""
+    if not videos:
+        raise ValueError("side_by_side needs at least one video")
+    videos = [_as_uint8_video(v, f"side_by_side video {i}") for i, v in enumerate(videos)]
+    t, h = videos[0].shape[:2]
+    for i, v in enumerate(videos):
+        if v.shape[:2] != (t, h):
+            raise ValueError(
+                f"side_by_side: video {i} has {v.shape[0]} frames of height {v.shape[1]}, "
+                f"video 0 has {t} frames of height {h}")
+    gap = np.full((t, h, _SEPARATOR_PX, 3), 255, np.uint8)
+    parts = [videos[0]]
+    for v in videos[1:]:
+        parts += [gap, v]
+    return np.concatenate(parts, axis=2)
+
+
+def frame_grid_png(
+    path,
+    rows: Sequence,
+    *,
+    n_frames: int = 4,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Saves a PNG with one row per video and n_frames frames evenly spaced in time.
+
+    Rows may differ in length (each is sampled over its own duration) but not in
+    frame size. Labels, if given, go in a white strip on the left.
+    """
+    path = pathlib.Path(path)
+    if not rows:
+        raise ValueError(f"frame_grid_png({path}): no rows given")
+    if n_frames < 1:
+        raise ValueError(f"frame_grid_png({path}): n_frames must be >= 1, got {n_frames}")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(
+            f"frame_grid_png({path}): {len(labels)} labels for {len(rows)} rows")
+    rows = [_as_uint8_video(r, f"frame_grid_png row {i}") for i, r in enumerate(rows)]
+    h, w = rows[0].shape[1:3]
+    for i, r in enumerate(rows):
+        if r.shape[1:3] != (h, w):
+            raise ValueError(
+                f"frame_grid_png: row {i} frames are {r.shape[1:3]}, row 0 frames are {(h, w)}")
+
+    font = ImageFont.load_default()
+    label_w = 0
+    if labels is not None:
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        label_w = max(measure.textbbox((0, 0), str(s), font=font)[2] for s in labels)
+        label_w += 2 * _LABEL_PAD_PX
+
+    grid_w = label_w + n_frames * w + (n_frames - 1) * _SEPARATOR_PX
+    grid_h = len(rows) * h + (len(rows) - 1) * _SEPARATOR_PX
+    canvas = np.full((grid_h, grid_w, 3), 255, np.uint8)
+    for i, video in enumerate(rows):
+        y = i * (h + _SEPARATOR_PX)
+        times = np.linspace(0, video.shape[0] - 1, n_frames).round().astype(int)
+        for j, t in enumerate(times):
+            x = label_w + j * (w + _SEPARATOR_PX)
+            canvas[y:y + h, x:x + w] = video[t]
+
+    image = Image.fromarray(canvas)
+    if labels is not None:
+        draw = ImageDraw.Draw(image)
+        for i, text in enumerate(labels):
+            y = i * (h + _SEPARATOR_PX) + h // 2
+            draw.text((_LABEL_PAD_PX, y), str(text), fill=(0, 0, 0), font=font, anchor="lm")
+    image.save(path, format="PNG")

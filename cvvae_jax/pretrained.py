@@ -1,0 +1,141 @@
+"""Loading and saving shared by `CVVAE` and `ImageVAE`.
+
+A model directory is either the official layout (`config.json` +
+`diffusion_pytorch_model.safetensors`, as the official code and diffusers write
+it) or ours (`config.json` + an Orbax `params/`). Loading builds the model
+abstractly (`nnx.eval_shape`, no random init) and fills it from the file.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import checkpoint, weights
+from .model_config import load_config
+
+
+def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
+    d = Path(path) / subfolder if subfolder else Path(path)
+    if (d / weights.CONFIG_NAME).is_file():
+        return d
+    if not Path(path).exists():
+        hint = ""
+        if "/" in str(path) and not str(path).startswith(("/", ".")):
+            hint = (f"; it looks like a Hugging Face repo id, and nothing is downloaded at run time: "
+                    f"fetch it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
+        raise FileNotFoundError(f"no such directory: {path}{hint}")
+    subs = sorted(p.parent.name for p in Path(path).glob(f"*/{weights.CONFIG_NAME}"))
+    hint = f"; pass subfolder= one of {subs}" if subs and not subfolder else ""
+    raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}{hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_part(graphdef: nnx.GraphDef, method: str):
+    """`model.<method>(x)` as a pure jitted function of (state, x), one per model structure.
+
+    jax caches one compilation per input shape, which is what makes every
+    distinct chunk/tile shape compile once.
+    """
+
+    def run(state, x):
+        return getattr(nnx.merge(graphdef, state), method)(x)
+
+    return jax.jit(run)
+
+
+class Pretrained(nnx.Module):
+    """Base of the public models: config-driven construction, load, save."""
+
+    CONFIG_CLASSES: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        raise NotImplementedError
+
+    @classmethod
+    def _check_config(cls, config, where: str):
+        if not isinstance(config, cls.CONFIG_CLASSES):
+            names = [c.CLASS_NAME for c in cls.CONFIG_CLASSES]
+            raise ValueError(f"{where} holds a {config.CLASS_NAME}; {cls.__name__} loads {names}")
+
+    @classmethod
+    def from_config(cls, config, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0):
+        """A randomly initialised model."""
+        cls._check_config(config, "the config")
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+    @classmethod
+    def abstract(cls, config, *, dtype=jnp.float32, param_dtype=jnp.float32):
+        """The model with shape-only parameters: no memory, no init cost."""
+        cls._check_config(config, "the config")
+        return nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
+                                          rngs=nnx.Rngs(0)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, *,
+                        dtype=jnp.float32, param_dtype=jnp.float32):
+        """Load an official-layout or Orbax model directory (see the module docstring)."""
+        d = resolve_dir(path, subfolder)
+        config = load_config(d / weights.CONFIG_NAME)
+        cls._check_config(config, str(d / weights.CONFIG_NAME))
+        graphdef, abstract = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
+        if checkpoint.is_orbax_dir(d):
+            state = checkpoint.restore(d, abstract)
+        else:
+            file = weights.find_weights(d)
+            state = weights.fill_state(abstract, weights.read_state_dict(file), source=str(file),
+                                       param_dtype=param_dtype)
+        return nnx.merge(graphdef, state)
+
+    def state_dict(self, dtype=np.float32) -> dict[str, np.ndarray]:
+        """The official PyTorch state dict (numpy arrays, torch layout)."""
+        return weights.to_state_dict(nnx.state(self), dtype)
+
+    def save_pretrained(self, path: str | Path, *, dtype=np.float32) -> Path:
+        """Write config.json + diffusion_pytorch_model.safetensors, the official layout."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(d / weights.CONFIG_NAME)
+        weights.write_safetensors(d / weights.WEIGHTS_NAME, self.state_dict(dtype))
+        return d
+
+    def save_orbax(self, path: str | Path) -> Path:
+        """Write config.json + an Orbax checkpoint of the parameters."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(d / weights.CONFIG_NAME)
+        checkpoint.save(d, nnx.state(self, nnx.Param))
+        return d
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for _, v in weights.params_of(nnx.state(self)))
+
+
+def check_pixels(x, *, name: str, rank: int, channels: int, layout: str) -> jax.Array:
+    """Common checks on a float array in channels-last `layout`; returns a jax array."""
+    shape = tuple(np.shape(x))
+    if len(shape) != rank:
+        hint = ""
+        if rank == 5 and len(shape) == 4:
+            hint = "; for images add a time axis of 1: x[:, None]"
+        raise ValueError(f"{name}: expected a {rank}D array {layout}, got shape {shape}{hint}")
+    if shape[-1] != channels:
+        hint = ""
+        if shape[1] == channels:
+            hint = "; it looks channels-first, this API is channels-last (move axis 1 to the end)"
+        raise ValueError(f"{name}: expected {channels} channels in the last axis of {layout}, "
+                         f"got shape {shape}{hint}")
+    dtype = np.asarray(x).dtype if not isinstance(x, jax.Array) else x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name}: expected floating point values in [-1, 1], got {dtype}; "
+                         "for uint8 frames use x.astype(np.float32) / 127.5 - 1")
+    x = jnp.asarray(x)
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf values")
+    return x

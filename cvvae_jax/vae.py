@@ -1,0 +1,115 @@
+"""`CVVAE`: the public video VAE API (encode to a posterior, decode to pixels).
+
+Both official variants live behind this one class; `from_pretrained` picks the
+network from config.json's `_class_name`:
+- `CVVAEModel` (v1, SD2.1-compatible, 4 latent channels): `nets_v1`;
+- `CVVAESD3Model` (16 latent channels): `nets_diffusers` with 3D convs.
+
+`encode`/`decode` take and return channels-last arrays, check their input, and
+run the official frame chunking and spatial tiling of config.json around a
+jitted network call (`tiling.py`). Inside your own jitted code (training), call
+`encode_moments`/`decode_latents`, which run the network on the whole input.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import nets_diffusers, nets_v1, tiling
+from .conv_kits import SD3Kit
+from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
+from .posterior import DiagonalGaussian
+from .pretrained import Pretrained, check_pixels, jitted_part
+
+
+class CVVAE(Pretrained):
+    """The CV-VAE video VAE: (B, 1 + 4k, H, W, 3) <-> (B, 1 + k, H/8, W/8, C)."""
+
+    CONFIG_CLASSES = (CVVAEConfig, CVVAESD3Config)
+
+    def __init__(self, config: CVVAEConfig | CVVAESD3Config, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        if isinstance(config, CVVAEConfig):
+            self.encoder = nets_v1.Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.decoder = nets_v1.Decoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            common = dict(block_out_channels=config.block_out_channels,
+                          layers_per_block=config.layers_per_block, groups=config.norm_num_groups,
+                          act_fn=config.act_fn, mid_attention=config.mid_block_add_attention, rngs=rngs)
+            time = config.time_down_levels()
+            self.encoder = nets_diffusers.Encoder(
+                SD3Kit(dtype, param_dtype, causal=config.causal_encoder, half_3d=config.half_3d),
+                in_channels=config.in_channels, out_channels=config.out_channels,
+                time_down=time, **common)
+            self.decoder = nets_diffusers.Decoder(
+                SD3Kit(dtype, param_dtype, causal=config.causal_decoder, half_3d=config.half_3d),
+                in_channels=config.out_channels, out_channels=config.in_channels,
+                time_up=time, **common)
+
+    # -- network calls for jitted user code -------------------------------------------------
+
+    def encode_moments(self, x: jax.Array) -> jax.Array:
+        """Encoder output (mean and log-variance concatenated on the channel axis)."""
+        return self.encoder(x.astype(self.dtype))
+
+    def decode_latents(self, z: jax.Array) -> jax.Array:
+        return self.decoder(z.astype(self.dtype))
+
+    # -- the checked, chunked and tiled API -----------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def _check_video(self, x) -> jax.Array:
+        cfg = self.config
+        x = check_pixels(x, name="encode", rank=5, channels=cfg.in_channels, layout="(B, T, H, W, C)")
+        _, t, h, w, _ = x.shape
+        f = cfg.time_factor
+        if (t - 1) % f:
+            lo, hi = valid_frame_counts(t, f)
+            raise ValueError(f"encode: T={t} frames; the causal encoder needs T = 1 + {f}k "
+                             f"(nearest valid: {lo} or {hi}); trim or pad the clip first")
+        s = cfg.space_factor
+        if h % s or w % s:
+            raise ValueError(f"encode: H x W = {h} x {w}; both must be multiples of {s} "
+                             f"(e.g. {h - h % s} x {w - w % s}); resize or crop first")
+        return x
+
+    def _tile_plan(self, encode: bool) -> tiling.TilePlan | None:
+        cfg = self.config
+        if cfg.tile_spatial_size is None:
+            return None
+        make = tiling.TilePlan.for_encode if encode else tiling.TilePlan.for_decode
+        return make(cfg.tile_spatial_size, cfg.space_factor, cfg.tile_overlap_ratio)
+
+    def encode(self, x) -> DiagonalGaussian:
+        """(B, 1 + 4k, H, W, 3) in [-1, 1] -> posterior over (B, 1 + k, H/8, W/8, C)."""
+        x = self._check_video(x)
+        graphdef, state = nnx.split(self)
+        net = functools.partial(jitted_part(graphdef, "encode_moments"), state)
+        plan = self._tile_plan(encode=True)
+        moments = tiling.chunked(lambda c: tiling.tiled(net, c, plan), x,
+                                 self.config.encode_frames_per_chunk)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z) -> jax.Array:
+        """(B, 1 + k, h, w, C) latents -> (B, 1 + 4k, 8h, 8w, 3) pixels (compute dtype)."""
+        z = check_pixels(z, name="decode", rank=5, channels=self.latent_channels,
+                         layout="(B, T, h, w, C)")
+        graphdef, state = nnx.split(self)
+        net = functools.partial(jitted_part(graphdef, "decode_latents"), state)
+        plan = self._tile_plan(encode=False)
+        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), z,
+                              self.config.decode_frames_per_chunk)
+
+    def reconstruct(self, x, key: jax.Array | None = None) -> jax.Array:
+        """decode(encode(x)), from the posterior mode or, given a key, a sample."""
+        post = self.encode(x)
+        return self.decode(post.mode() if key is None else post.sample(key))
