@@ -86,6 +86,7 @@ class Conv(nnx.Conv):
             kernel_init=torch_like_init,
             rngs=rngs,
         )
+        self.pads = tuple(pads)
         lead = ((0, 0),)
         self.edge_pads = (
             None
@@ -153,9 +154,9 @@ class LDMAttention(nnx.Module):
     pixel, and only then is added to the input.
     """
 
-    def __init__(self, channels: int, *, temporal: bool, dtype, param_dtype, rngs):
+    def __init__(self, channels: int, *, temporal: bool, eps: float, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm = GroupNorm(channels, 32, 1e-5, param_dtype=param_dtype, rngs=rngs)
+        self.norm = GroupNorm(channels, 32, eps, param_dtype=param_dtype, rngs=rngs)
         self.q = conv2d(channels, channels, 1, **kw)
         self.k = conv2d(channels, channels, 1, **kw)
         self.v = conv2d(channels, channels, 1, **kw)

@@ -20,7 +20,7 @@ RESOLUTION = 256  # the official constructor's `resolution`, against which attn_
 def _attn(kind: str, channels: int, kit: V1Kit, rngs) -> LDMAttention | None:
     if kind == "none":
         return None
-    return LDMAttention(channels, temporal=kind == "spatial-temporal-xformer",
+    return LDMAttention(channels, temporal=kind == "spatial-temporal-xformer", eps=EPS,
                         dtype=kit.dtype, param_dtype=kit.param_dtype, rngs=rngs)
 
 

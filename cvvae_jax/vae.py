@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import nets_diffusers, nets_v1, tiling
+from . import inflate, nets_diffusers, nets_v1, tiling
 from .conv_kits import SD3Kit
 from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
 from .posterior import DiagonalGaussian
@@ -51,6 +51,16 @@ class CVVAE(Pretrained):
                 SD3Kit(dtype, param_dtype, causal=config.causal_decoder, half_3d=config.half_3d),
                 in_channels=config.out_channels, out_channels=config.in_channels,
                 time_up=time, **common)
+
+    @classmethod
+    def from_image_vae(cls, image_vae, *, seed: int = 0, param_dtype=jnp.float32, **config_overrides):
+        """A v1 CV-VAE inflated from an `ImageVAE` (SD 2.1 layout); see `inflate.py`.
+
+        `config_overrides` set CVVAEConfig fields the image VAE does not determine
+        (e.g. `en_de_n_frames_a_time`, `tile_spatial_size`).
+        """
+        return inflate.inflate(cls, image_vae, seed=seed, param_dtype=param_dtype,
+                               **config_overrides)
 
     # -- network calls for jitted user code -------------------------------------------------
 

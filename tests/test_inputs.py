@@ -1,0 +1,67 @@
+"""Bad input gets a clear error, never a silent truncation."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cvvae_jax
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return cvvae_jax.CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny")
+
+
+@pytest.fixture(scope="module")
+def image_vae():
+    return cvvae_jax.ImageVAE.from_pretrained(FIXTURES / "sd_vae_tiny")
+
+
+def video(t=5, h=16, w=24, c=3, dtype=np.float32):
+    return np.zeros((1, t, h, w, c), dtype)
+
+
+@pytest.mark.parametrize("x,message", [
+    (np.zeros((1, 16, 24, 3), np.float32), r"expected a 5D array .* for images add a time axis"),
+    (np.zeros((1, 3, 5, 16, 24), np.float32), "looks channels-first"),
+    (video(c=4), "expected 3 channels"),
+    (video(t=6), r"T=6 frames; .* T = 1 \+ 4k \(nearest valid: 5 or 9\)"),
+    (video(t=3), r"nearest valid: 1 or 5"),
+    (video(h=20), r"20 x 24; both must be multiples of 8 \(e.g. 16 x 24\)"),
+    (video(dtype=np.uint8), r"floating point .* x.astype\(np.float32\) / 127.5 - 1"),
+])
+def test_encode_rejects(vae, x, message):
+    with pytest.raises(ValueError, match=message):
+        vae.encode(x)
+
+
+def test_encode_rejects_non_finite(vae):
+    x = video()
+    x[0, 2, 3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vae.encode(x)
+    x[0, 2, 3, 4, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vae.encode(jnp.asarray(x))
+
+
+def test_decode_rejects(vae):
+    with pytest.raises(ValueError, match="expected 4 channels"):
+        vae.decode(np.zeros((1, 2, 2, 3, 16), np.float32))
+    with pytest.raises(ValueError, match="expected a 5D array"):
+        vae.decode(np.zeros((1, 2, 3, 4), np.float32))
+
+
+def test_image_vae_rejects(image_vae):
+    with pytest.raises(ValueError, match=r"expected a 4D array \(B, H, W, C\)"):
+        image_vae.encode(video())
+    with pytest.raises(ValueError, match="multiples of 8"):
+        image_vae.encode(np.zeros((1, 12, 16, 3), np.float32))
+
+
+def test_valid_shapes_give_the_documented_latent_shapes(vae):
+    post = vae.encode(video(t=9, h=32, w=40))
+    assert post.mean.shape == post.logvar.shape == (1, 3, 4, 5, 4)
+    assert vae.decode(post.mode()).shape == (1, 9, 32, 40, 3)
+    assert vae.encode(video(t=1, h=8, w=8)).mean.shape == (1, 1, 1, 1, 4)
