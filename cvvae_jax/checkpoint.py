@@ -1,8 +1,8 @@
 """Model parameters as an Orbax checkpoint beside the official config.json.
 
-Layout of a directory written by `save`: `config.json` (the official config)
-and `params/` (an Orbax PyTree checkpoint of the parameters). `from_pretrained`
-recognises it, so either format loads through the same call.
+A directory written by `Pretrained.save_orbax` holds `config.json` (the
+official config) and `params/` (an Orbax PyTree checkpoint of the parameters);
+`from_pretrained` recognises it, so either format loads through the same call.
 """
 
 from __future__ import annotations
@@ -10,33 +10,83 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 PARAMS_DIR = "params"
 
 
+def _params_path(directory: Path) -> Path:
+    # Orbax refuses relative paths.
+    return Path(directory).absolute() / PARAMS_DIR
+
+
 def is_orbax_dir(directory: Path) -> bool:
-    return (Path(directory) / PARAMS_DIR).is_dir()
+    return _params_path(directory).is_dir()
 
 
-def save(directory: Path, state: nnx.State) -> None:
-    """Write the parameters of `state` under directory/params (overwriting)."""
-    params = nnx.to_pure_dict(nnx.state(state, nnx.Param) if not isinstance(state, dict) else state)
+def save(directory: Path, params: nnx.State) -> None:
+    """Write `params` under directory/params, replacing an earlier checkpoint there."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(directory).absolute() / PARAMS_DIR, params, force=True)
+        ckptr.save(_params_path(directory), nnx.to_pure_dict(params), force=True)
+
+
+def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    flat = traverse_util.flatten_dict(tree)
+    return {".".join(map(str, k)): tuple(v.shape) for k, v in flat.items()}
+
+
+def _check_structure(saved: dict, target: dict, directory: Path) -> None:
+    """Name what differs, rather than Orbax's dump of every key."""
+    saved, target = _shapes(saved), _shapes(target)
+    problems = []
+    for what, keys in (("missing", sorted(set(target) - set(saved))),
+                       ("unexpected", sorted(set(saved) - set(target)))):
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+    problems += [f"{k} has shape {saved[k]}, the model expects {s}"
+                 for k, s in target.items() if k in saved and saved[k] != s][:3]
+    if problems:
+        raise ValueError(f"the Orbax parameters in {directory} do not match the model config: "
+                         + "; ".join(problems))
+
+
+def _restore_args(v) -> ocp.RestoreArgs:
+    sharding = getattr(v, "sharding", None)
+    if sharding is None:
+        # A host array, placed by jax like the safetensors path does: uncommitted, so it
+        # follows a jit's shardings instead of staying pinned to the device it was saved from.
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=v.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sharding, dtype=v.dtype)
 
 
 def restore(directory: Path, abstract: nnx.State) -> nnx.State:
-    """Parameters restored into the structure, dtypes and shardings of `abstract`."""
+    """The saved parameters in the structure, dtypes and shardings of `abstract`.
+
+    `abstract` is a state of `jax.ShapeDtypeStruct`s (`nnx.eval_shape`) or of
+    arrays; each leaf is cast to its dtype and placed with its sharding, if it
+    has one. The caller's `abstract` is left unchanged.
+    """
     target = nnx.to_pure_dict(abstract)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None)),
-                          target)
-    with ocp.StandardCheckpointer() as ckptr:
+    path = _params_path(directory)
+    with ocp.PyTreeCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(Path(directory).absolute() / PARAMS_DIR, target)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ValueError(f"could not restore the Orbax parameters in {directory}: {e}") from None
-    state = nnx.State(abstract) if not isinstance(abstract, nnx.State) else abstract
-    nnx.replace_by_pure_dict(state, restored)
+            saved = ckptr.metadata(path).item_metadata
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{path} is not a readable Orbax checkpoint: {e}") from None
+        if saved is None:
+            raise ValueError(f"{path} is not a complete Orbax checkpoint (no metadata)")
+        _check_structure(saved.tree, target, directory)
+        args = ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(_restore_args, target))
+        try:
+            restored = ckptr.restore(path, args=args)
+        except Exception as e:  # TensorStore read failures surface as a bare Exception
+            # Keep the first sentence; the rest is a dump of the TensorStore spec.
+            reason = str(e).partition(" See full TensorStore")[0].splitlines()[0][:300]
+            raise ValueError(f"could not read the Orbax parameters in {path} (corrupt?): "
+                             f"{reason}") from None
+    state = jax.tree.map(lambda v: v, abstract)  # new Variables: `abstract` stays abstract
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
     return state

@@ -19,6 +19,21 @@ DIFFUSERS_VERSION = "0.42.1"
 V1_ATTN_TYPES = ("vanilla", "vanilla-xformers", "spatial-temporal-xformer", "none")
 
 
+def _check_type(name: str, value, annotation: str) -> None:
+    """A JSON value against a field annotation such as "int | None" or "tuple[int, ...]"."""
+    ok = (
+        (value is None and "None" in annotation)
+        or (isinstance(value, (list, tuple)) and "tuple" in annotation)
+        or (isinstance(value, bool) and "bool" in annotation)
+        or (isinstance(value, int) and not isinstance(value, bool)
+            and ("int" in annotation.replace("tuple[int", "") or "float" in annotation))
+        or (isinstance(value, float) and "float" in annotation.replace("tuple[float", ""))
+        or (isinstance(value, str) and annotation == "str")
+    )
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected {annotation}")
+
+
 def _tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
@@ -48,6 +63,9 @@ class _Config:
                 f"unknown {cls.CLASS_NAME} config option(s): {', '.join(unknown)}; "
                 f"known options: {', '.join(cls.field_names())}"
             )
+        annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            _check_type(f"{cls.CLASS_NAME} {k}", v, annotations[k])
         cfg = cls(meta=meta, **{k: _tuple(v) for k, v in d.items()})
         cfg.validate()
         return cfg

@@ -32,7 +32,7 @@ def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
                     f"fetch it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
         raise FileNotFoundError(f"no such directory: {path}{hint}")
     subs = sorted(p.parent.name for p in Path(path).glob(f"*/{weights.CONFIG_NAME}"))
-    hint = f"; pass subfolder= one of {subs}" if subs and not subfolder else ""
+    hint = f"; set the subfolder to one of {subs}" if subs and not subfolder else ""
     raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}{hint}")
 
 

@@ -110,13 +110,10 @@ def _listing(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def fill_state(abstract: nnx.State, state_dict: dict[str, np.ndarray], *, source: str,
-               param_dtype) -> nnx.State:
-    """Concrete state from an abstract one (`nnx.eval_shape`) and a torch state dict.
-
-    Every parameter must be present with the right shape and nothing extra may
-    remain: a partial load is an error naming the keys.
-    """
+def check_state_dict(abstract: nnx.State, state_dict: dict[str, np.ndarray], *,
+                     source: str) -> None:
+    """Every parameter must be present with the right shape and nothing extra may
+    remain: a partial load is an error naming the keys."""
     expected = expected_torch_shapes(abstract)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -127,28 +124,39 @@ def fill_state(abstract: nnx.State, state_dict: dict[str, np.ndarray], *, source
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         raise WeightsError(f"{source} does not match the model config: " + "; ".join(parts))
-    flat = []
+    for key, shape in expected.items():
+        if tuple(state_dict[key].shape) != shape:
+            raise WeightsError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, "
+                               f"the model expects {shape}")
+
+
+def iter_filled(abstract: nnx.State, state_dict: dict[str, np.ndarray], *,
+                param_dtype) -> Iterator[tuple[tuple, nnx.Variable]]:
+    """(path, concrete variable) of a checked state dict, one tensor at a time."""
     for path, var in nnx.to_flat_state(abstract):
-        if not isinstance(var, nnx.Param):
-            flat.append((path, var))
-            continue
-        key = torch_key(path)
-        a = state_dict[key]
-        if tuple(a.shape) != expected[key]:
-            raise WeightsError(
-                f"{source}: {key} has shape {tuple(a.shape)}, the model expects {expected[key]}"
-            )
-        value = from_torch_layout(str(path[-1]), np.asarray(a)).astype(param_dtype)
-        flat.append((path, var.replace(jax.numpy.asarray(value))))
-    return nnx.from_flat_state(flat)
+        if isinstance(var, nnx.Param):
+            a = from_torch_layout(str(path[-1]), np.asarray(state_dict[torch_key(path)]))
+            var = var.replace(jax.numpy.asarray(a.astype(param_dtype)))
+        yield path, var
+
+
+def fill_state(abstract: nnx.State, state_dict: dict[str, np.ndarray], *, source: str,
+               param_dtype) -> nnx.State:
+    """Concrete state from an abstract one (`nnx.eval_shape`) and a torch state dict."""
+    check_state_dict(abstract, state_dict, source=source)
+    return nnx.from_flat_state(list(iter_filled(abstract, state_dict, param_dtype=param_dtype)))
+
+
+def iter_state_dict(state: nnx.State, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch key, tensor in torch layout) for every parameter, one at a time."""
+    for p, v in params_of(state):
+        a = np.asarray(jax.device_get(v.get_value()))
+        yield torch_key(p), to_torch_layout(str(p[-1]), a).astype(dtype)
 
 
 def to_state_dict(state: nnx.State, dtype=np.float32) -> dict[str, np.ndarray]:
     """The official state dict (torch layout, numpy) of a model state."""
-    return {
-        torch_key(p): to_torch_layout(str(p[-1]), np.asarray(jax.device_get(v.get_value()))).astype(dtype)
-        for p, v in params_of(state)
-    }
+    return dict(iter_state_dict(state, dtype))
 
 
 def write_safetensors(file: Path, state_dict: dict[str, np.ndarray]) -> None:

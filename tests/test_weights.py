@@ -73,7 +73,7 @@ def test_hugging_face_subfolder_layout(tmp_path):
     shutil.copytree(V1, tmp_path / "vae3d")
     vae = cvvae_jax.CVVAE.from_pretrained(tmp_path, subfolder="vae3d")
     assert vae.config.ch == 32
-    with pytest.raises(FileNotFoundError, match=r"subfolder= one of \['vae3d'\]"):
+    with pytest.raises(FileNotFoundError, match=r"subfolder to one of \['vae3d'\]"):
         cvvae_jax.CVVAE.from_pretrained(tmp_path)
 
 
@@ -136,8 +136,24 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
     ({"double_z": False}, "double_z=False"),
     ({"reshape_x_dim_to_4": True}, "reshape_x_dim_to_4"),
     ({"_class_name": "Unknown"}, "_class_name='Unknown'"),
+    ({"ch_mult": 3}, r"CVVAEModel ch_mult=3: expected tuple\[int, ...\]"),
+    ({"causal_encoder": "yes"}, "causal_encoder='yes': expected bool"),
+    ({"tile_spatial_size": 32.5}, r"tile_spatial_size=32.5: expected int \| None"),
 ])
 def test_bad_config_options_are_rejected(tmp_path, change, message):
     config = json.loads((V1 / "config.json").read_text()) | change
     with pytest.raises(ValueError, match=message):
         cvvae_jax.CVVAE.from_pretrained(_copy_with(tmp_path, config=config))
+
+
+def test_diffusers_loads_our_saved_image_vae_unchanged(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    vae = cvvae_jax.ImageVAE.from_pretrained(FIXTURES / "sd_vae_tiny")
+    vae.save_pretrained(tmp_path)
+    ref, info = diffusers.AutoencoderKL.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == info["mismatched_keys"] == []
+    io = np.load(FIXTURES / "sd_vae_tiny" / "io.npz")
+    with torch.no_grad():
+        mean = ref.eval().encode(torch.tensor(io["image_input"])).latent_dist.mean.numpy()
+    np.testing.assert_allclose(mean, io["image_mean"], atol=1e-5)
