@@ -62,8 +62,7 @@ class Encoder(nnx.Module):
     def __init__(self, kit, *, in_channels: int, out_channels: int, block_out_channels: Sequence[int],
                  layers_per_block: int, groups: int, act_fn: str, mid_attention: bool,
                  time_down: Sequence[bool], rngs: nnx.Rngs):
-        act = activation(act_fn)
-        self.act = act
+        act = activation(act_fn)  # the resnets'; the output activation is always SiLU
         boc = list(block_out_channels)
         self.conv_in = kit.main(in_channels, boc[0], 3, rngs)
         blocks, cin = [], boc[0]
@@ -85,15 +84,14 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x)))
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
 class Decoder(nnx.Module):
     def __init__(self, kit, *, in_channels: int, out_channels: int, block_out_channels: Sequence[int],
                  layers_per_block: int, groups: int, act_fn: str, mid_attention: bool,
                  time_up: Sequence[bool], rngs: nnx.Rngs):
-        act = activation(act_fn)
-        self.act = act
+        act = activation(act_fn)  # the resnets'; the output activation is always SiLU
         rev = list(reversed(block_out_channels))
         self.conv_in = kit.main(in_channels, rev[0], 3, rngs)
         self.mid_block = MidBlock(rev[0], kit, groups=groups, act=act,
@@ -115,4 +113,4 @@ class Decoder(nnx.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x)))
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))

@@ -13,6 +13,10 @@ CASES = [
     ("cvvae_v1_tiny", "image"),
     ("cvvae_v1_tiny_tiled", "video"),
     ("cvvae_sd3_tiny", "video"),
+    # Non-default config options, also made with the official code.
+    ("cvvae_v1_options", "video"),
+    ("cvvae_v1_2d", "video"),
+    ("cvvae_sd3_options", "video"),
 ]
 
 
