@@ -65,17 +65,13 @@ class TilePlan:
                    pixel_tile - overlap)
 
 
-def _ramp(n: int, dtype) -> jax.Array:
-    return (jnp.arange(n, dtype=jnp.float32) / n).astype(jnp.float32)
-
-
 def _blend(a: jax.Array, b: jax.Array, n: int, axis: int) -> jax.Array:
     """b with its first n entries along `axis` replaced by a ramp from a's last n to b's."""
     if n == 0:
         return b
     shape = [1] * b.ndim
     shape[axis] = n
-    w = _ramp(n, b.dtype).reshape(shape)
+    w = (jnp.arange(n, dtype=jnp.float32) / n).reshape(shape)
     head_a = jax.lax.slice_in_dim(a, a.shape[axis] - n, a.shape[axis], axis=axis)
     head_b = jax.lax.slice_in_dim(b, 0, n, axis=axis)
     mixed = ((1 - w) * head_a + w * head_b).astype(b.dtype)
