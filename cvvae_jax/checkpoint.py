@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
+from . import weights
+
 PARAMS_DIR = "params"
 
 
@@ -33,24 +35,14 @@ def save(directory: Path, params: nnx.State) -> None:
         ckptr.save(_params_path(directory), nnx.to_pure_dict(params), force=True)
 
 
-def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
-    flat = traverse_util.flatten_dict(tree)
-    return {".".join(map(str, k)): tuple(v.shape) for k, v in flat.items()}
-
-
-def _check_structure(saved: dict, target: dict, directory: Path) -> None:
-    """Name what differs, rather than Orbax's dump of every key."""
-    saved, target = _shapes(saved), _shapes(target)
-    problems = []
-    for what, keys in (("missing", sorted(set(target) - set(saved))),
-                       ("unexpected", sorted(set(saved) - set(target)))):
-        if keys:
-            problems.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
-    problems += [f"{k} has shape {saved[k]}, the model expects {s}"
-                 for k, s in target.items() if k in saved and saved[k] != s][:3]
-    if problems:
-        raise ValueError(f"the Orbax parameters in {directory} do not match the model config: "
-                         + "; ".join(problems))
+def _as_torch_shapes(saved_tree: dict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Saved parameter shapes keyed and laid out like a torch state dict, so the
+    checks (and messages) of `weights.check_state_dict` apply to Orbax too."""
+    return {
+        weights.torch_key(path): jax.ShapeDtypeStruct(
+            weights.torch_shape(str(path[-1]), tuple(v.shape)), np.float32)
+        for path, v in traverse_util.flatten_dict(saved_tree).items()
+    }
 
 
 def _restore_args(v) -> ocp.RestoreArgs:
@@ -78,7 +70,8 @@ def restore(directory: Path, abstract: nnx.State) -> nnx.State:
             raise ValueError(f"{path} is not a readable Orbax checkpoint: {e}") from None
         if saved is None:
             raise ValueError(f"{path} is not a complete Orbax checkpoint (no metadata)")
-        _check_structure(saved.tree, target, directory)
+        weights.check_state_dict(abstract, _as_torch_shapes(saved.tree),
+                                 source=f"the Orbax parameters in {directory}")
         args = ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(_restore_args, target))
         try:
             restored = ckptr.restore(path, args=args)

@@ -92,32 +92,28 @@ class CVVAE(Pretrained):
                              f"(e.g. {h - h % s} x {w - w % s}); resize or crop first")
         return x
 
-    def _tile_plan(self, encode: bool) -> tiling.TilePlan | None:
+    def _pieces(self, method: str, x: jax.Array, *, encode: bool) -> jax.Array:
+        """`method` run over the official frame chunks and spatial tiles of x."""
         cfg = self.config
-        if cfg.tile_spatial_size is None:
-            return None
-        make = tiling.TilePlan.for_encode if encode else tiling.TilePlan.for_decode
-        return make(cfg.tile_spatial_size, cfg.space_factor, cfg.tile_overlap_ratio)
+        plan = None
+        if cfg.tile_spatial_size is not None:
+            make = tiling.TilePlan.for_encode if encode else tiling.TilePlan.for_decode
+            plan = make(cfg.tile_spatial_size, cfg.space_factor, cfg.tile_overlap_ratio)
+        per_chunk = cfg.encode_frames_per_chunk if encode else cfg.decode_frames_per_chunk
+        graphdef, state = nnx.split(self)
+        net = functools.partial(jitted_part(graphdef, method), state)
+        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), x, per_chunk)
 
     def encode(self, x) -> DiagonalGaussian:
         """(B, 1 + 4k, H, W, 3) in [-1, 1] -> posterior over (B, 1 + k, H/8, W/8, C)."""
-        x = self._check_video(x)
-        graphdef, state = nnx.split(self)
-        net = functools.partial(jitted_part(graphdef, "encode_moments"), state)
-        plan = self._tile_plan(encode=True)
-        moments = tiling.chunked(lambda c: tiling.tiled(net, c, plan), x,
-                                 self.config.encode_frames_per_chunk)
+        moments = self._pieces("encode_moments", self._check_video(x), encode=True)
         return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z) -> jax.Array:
         """(B, 1 + k, h, w, C) latents -> (B, 1 + 4k, 8h, 8w, 3) pixels (compute dtype)."""
         z = check_pixels(z, name="decode", rank=5, channels=self.latent_channels,
                          layout="(B, T, h, w, C)")
-        graphdef, state = nnx.split(self)
-        net = functools.partial(jitted_part(graphdef, "decode_latents"), state)
-        plan = self._tile_plan(encode=False)
-        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), z,
-                              self.config.decode_frames_per_chunk)
+        return self._pieces("decode_latents", z, encode=False)
 
     def reconstruct(self, x, key: jax.Array | None = None) -> jax.Array:
         """decode(encode(x)), from the posterior mode or, given a key, a sample."""

@@ -178,3 +178,19 @@ def test_bin_weights_load_like_safetensors_and_need_torch(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(weights.WeightsError, match="needs torch"):
         CVVAE.from_pretrained(tmp_path)
+
+
+def test_orbax_params_for_another_config_name_the_differences(tmp_path):
+    """An Orbax dir whose config.json no longer fits its params/: same checks as safetensors."""
+    CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny").save_orbax(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["z_channels"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError,
+                       match=r"the Orbax parameters in .*: decoder.conv_in.weight has shape "
+                             r"\(64, 4, 3, 3, 3\), the model expects \(64, 8, 3, 3, 3\)"):
+        CVVAE.from_pretrained(tmp_path)
+    config["num_res_blocks"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError, match=r"missing keys \(\d+\): decoder.up.0.block.2"):
+        CVVAE.from_pretrained(tmp_path)
