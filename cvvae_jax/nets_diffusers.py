@@ -109,8 +109,12 @@ class Decoder(nnx.Module):
         self.conv_norm_out = GroupNorm(rev[-1], groups, EPS, param_dtype=kit.param_dtype, rngs=rngs)
         self.conv_out = kit.main(rev[-1], out_channels, 3, rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def features(self, z: jax.Array) -> jax.Array:
+        """The input of `conv_out` (the training objective's adaptive weight needs it)."""
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return jax.nn.silu(self.conv_norm_out(x))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.conv_out(self.features(z))

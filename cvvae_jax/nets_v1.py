@@ -124,8 +124,12 @@ class Decoder(nnx.Module):
         self.norm_out = GroupNorm(block_in, GROUPS, EPS, param_dtype=param_dtype, rngs=rngs)
         self.conv_out = kit.main(block_in, cfg.out_ch, 3, rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def features(self, z: jax.Array) -> jax.Array:
+        """The input of `conv_out` (the training objective's adaptive weight needs it)."""
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+        return jax.nn.silu(self.norm_out(x))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.conv_out(self.features(z))

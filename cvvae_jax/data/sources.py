@@ -1,0 +1,173 @@
+"""Grain random-access sources: folders of videos or images, and TFDS datasets.
+
+A source has a stable length and index order (folders: files sorted by relative
+path; TFDS: the prepared record order) and returns records, not pixels:
+{"media": "video" | "image", "data": path, encoded bytes or decoded pixels,
+"name": str, "caption": str}. Decoding happens in the transforms, inside Grain's
+workers. Construction probes headers until one record opens, so a source with
+no readable file fails at start; the bad files themselves are skipped and
+counted while streaming (see bad_data.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .bad_data import MediaError
+from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe_image, probe_video
+
+
+def load_captions(path, *, file_key: str = "file",
+                  caption_key: str = "caption") -> dict[str, str]:
+    """{file: caption} from a CSV (header row), a JSON list of rows or {file: caption}
+    object, or JSON Lines. A file is matched by relative path, file name or stem."""
+    path = pathlib.Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+    elif path.suffix.lower() == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return {str(k): str(v) for k, v in data.items()}
+        rows = data
+    missing = [k for k in (file_key, caption_key) if rows and k not in rows[0]]
+    if missing:
+        raise KeyError(f"{path}: no column/key {missing} (found {sorted(rows[0])}); "
+                       f"set file_key / caption_key")
+    return {str(row[file_key]): str(row[caption_key]) for row in rows}
+
+
+def caption_for(captions: dict[str, str], rel: pathlib.PurePosixPath) -> str:
+    """The caption of the file at relative path `rel`, "" if the metadata has none."""
+    for key in (str(rel), rel.name, rel.stem):
+        if key in captions:
+            return captions[key]
+    return ""
+
+
+def _first_readable(what: str, count: int, probe: Callable[[int], None]) -> None:
+    """Probes records in index order until one opens; a clear error if none does."""
+    if count == 0:
+        raise ValueError(f"{what}: no records")
+    errors = []
+    for i in range(count):
+        try:
+            probe(i)
+            return
+        except MediaError as e:
+            errors.append(f"{e.reason}: {e}")
+    raise ValueError(f"{what}: none of the {count} record(s) is readable, e.g.\n  "
+                     + "\n  ".join(errors[:5]))
+
+
+class FolderSource:
+    """Files under `root` (recursively) whose suffix is in `extensions`, sorted."""
+
+    def __init__(self, root, *, media: str, extensions, metadata=None,
+                 file_key: str = "file", caption_key: str = "caption"):
+        if media not in ("video", "image"):
+            raise ValueError(f"media must be 'video' or 'image', got {media!r}")
+        self.root = pathlib.Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {self.root}")
+        self.media = media
+        suffixes = {e.lower() for e in extensions}
+        self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                            if p.suffix.lower() in suffixes and p.is_file())
+        if not self.files:
+            raise FileNotFoundError(f"no {media} files ({', '.join(sorted(suffixes))}) "
+                                    f"under {self.root}")
+        captions = {}
+        if metadata is not None:
+            captions = load_captions(metadata, file_key=file_key, caption_key=caption_key)
+        self.captions = [caption_for(captions, pathlib.PurePosixPath(f)) for f in self.files]
+        probe = probe_video if media == "video" else probe_image
+        _first_readable(f"{media} folder {self.root}", len(self.files),
+                        lambda i: probe(self.root / self.files[i]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"media": self.media, "data": str(self.root / self.files[index]),
+                "name": self.files[index], "caption": self.captions[index]}
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.media}, {self.root}, {len(self)} files)"
+
+
+def video_folder(root, *, extensions=VIDEO_EXTENSIONS, **kwargs) -> FolderSource:
+    """A folder (recursive) of videos: mp4, webm, mov, avi."""
+    return FolderSource(root, media="video", extensions=extensions, **kwargs)
+
+
+def image_folder(root, *, extensions=IMAGE_EXTENSIONS, **kwargs) -> FolderSource:
+    """A folder (recursive) of images: jpg, png, webp."""
+    return FolderSource(root, media="image", extensions=extensions, **kwargs)
+
+
+def _text(value) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TfdsSource:
+    """A split of a prepared TFDS dataset read through `tfds.data_source` (ArrayRecord).
+
+    Exactly one of `video_key` / `image_key` names the field with the media:
+    encoded bytes (a file's bytes, e.g. this project's `cvvae_videos` builder) or
+    decoded uint8 pixels ((T, H, W, C) videos, (H, W, C) images). `name_key`
+    names a field that identifies the record in logs (else "name/split/index").
+    """
+
+    def __init__(self, name: str, *, split: str = "train", data_dir=None,
+                 video_key: str | None = None, image_key: str | None = None,
+                 caption_key: str | None = None, name_key: str | None = None):
+        import tensorflow_datasets as tfds  # slow import; only this source needs it
+
+        if (video_key is None) == (image_key is None):
+            raise ValueError("TfdsSource needs exactly one of video_key, image_key")
+        self.media = "video" if video_key else "image"
+        self._key = video_key or image_key
+        self._caption_key, self._name_key = caption_key, name_key
+        self._label = f"{name}/{split}"
+        self._records = tfds.data_source(name, split=split, data_dir=data_dir)
+        if len(self._records):
+            first = self._records[0]
+            missing = [k for k in (self._key, caption_key, name_key)
+                       if k is not None and k not in first]
+            if missing:
+                raise KeyError(f"TFDS {self._label}: no field(s) {missing}; "
+                               f"fields: {sorted(first)}")
+        probe = probe_video if self.media == "video" else probe_image
+        _first_readable(f"TFDS {self._label}", len(self._records),
+                        lambda i: self._probe(self._records[i][self._key], probe))
+
+    @staticmethod
+    def _probe(data, probe) -> None:
+        if isinstance(data, np.ndarray) and data.ndim >= 2 and data.size:
+            return  # decoded pixels
+        probe(data)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._records[index]
+        name = (_text(record[self._name_key]) if self._name_key
+                else f"{self._label}/{index}")
+        caption = _text(record[self._caption_key]) if self._caption_key else ""
+        return {"media": self.media, "data": record[self._key], "name": name,
+                "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.media}, {self._label}, {len(self)} records)"
