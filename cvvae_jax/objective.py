@@ -127,7 +127,9 @@ class Objective:
         x = jnp.asarray(x, jnp.float32)
         post = DiagonalGaussian.from_moments(vae.encode_moments(x))
         z = post.sample(key_z)
-        mapped = losses.map_frames(x, self.mapping, key_map, vae.config.time_factor)
+        mapped = None
+        if self.regularizer != "none":
+            mapped = losses.map_frames(x, self.mapping, key_map, vae.config.time_factor)
         mean, logvar, target = post.mean, post.logvar, x
         if self.encoder_regularizer:
             sd_post = DiagonalGaussian.from_moments(_per_frame(image_vae.encode_moments, mapped))

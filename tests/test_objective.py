@@ -184,7 +184,7 @@ def test_overfitting_one_clip_lowers_reconstruction_and_regulariser_errors():
     vae, disc, _ = models()
     (vdef, ddef, idef), (vstate, dstate, istate) = split(vae, disc, image_vae)
     obj = Objective(perceptual_weight=0.0, mapping="random")
-    g_tx, d_tx = optax.adam(2e-3), optax.adam(1e-3)
+    g_tx, d_tx = optax.adam(1e-3), optax.adam(1e-3)
     params = (vstate, LogVars.init())
     g_opt, d_opt = g_tx.init(params), d_tx.init(dstate)
 
@@ -201,12 +201,20 @@ def test_overfitting_one_clip_lowers_reconstruction_and_regulariser_errors():
         updates, d_opt = d_tx.update(d_grads, d_opt, dstate)
         return params, g_opt, optax.apply_updates(dstate, updates), d_opt, aux.metrics
 
-    history = []
+    @jax.jit
+    def errors(vstate):
+        """Deterministic before/after numbers: posterior mode, "slice" targets."""
+        vae = nnx.merge(vdef, vstate)
+        z = DiagonalGaussian.from_moments(vae.encode_moments(x)).mode()
+        view = nnx.merge(idef, istate).decode_latents(z[0])
+        return (jnp.mean(jnp.abs(vae.decode_latents(z) - x)),
+                jnp.mean(jnp.abs(view - x[0, ::4])))
+
+    rec0, rec2d0 = errors(vstate)
     for i in range(100):
-        params, g_opt, dstate, d_opt, m = step(params, g_opt, dstate, d_opt,
+        params, g_opt, dstate, d_opt, _ = step(params, g_opt, dstate, d_opt,
                                                jax.random.fold_in(jax.random.key(8), i), i)
-        history.append((float(m["loss/rec"]), float(m["loss/rec2d"])))
-    (rec0, rec2d0), (rec1, rec2d1) = history[0], np.mean(history[-5:], axis=0)
-    print(f"rec {rec0:.4f} -> {rec1:.4f}, rec2d {rec2d0:.4f} -> {rec2d1:.4f}")
+    rec1, rec2d1 = errors(params[0])
+    print(f"L1 reconstruction {rec0:.4f} -> {rec1:.4f}, image-decoder view {rec2d0:.4f} -> {rec2d1:.4f}")
     assert rec1 < rec0 / 2
     assert rec2d1 < rec2d0 / 2

@@ -1,0 +1,375 @@
+"""The training loop behind train.py: models, sharded state, resume, logging, exports.
+
+Start-up, in order:
+1. the mesh from `config.mesh` (jax.distributed is initialised first when the launch
+   is multi-host);
+2. the initial autoencoder, by the resume order: the run's own latest good
+   checkpoint in `workdir/checkpoints` (a damaged latest step falls back to the one
+   before it); else `config.init_from` (an Orbax or official PyTorch model
+   directory); else inflation from the image VAE at `config.image_vae.path`
+   (`config.inflate`); else scratch;
+3. state born sharded (`jax.jit(init, out_shardings=...)`), then the loop: one
+   fused generator + discriminator step per batch (train_step.py), one compile
+   per batch shape.
+
+Outputs in `workdir`: checkpoints/, metrics.jsonl, tensorboard/, samples/ (grids
+and videos), export/ and export_ema/ (official-layout model directories).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from . import data, losses, media, sharding
+from .discriminator import NLayerDiscriminator3D
+from .image_vae import ImageVAE
+from .lpips import load_lpips
+from .metrics_log import MetricsLog
+from .inflate import config_from_image_vae
+from .model_config import CVVAEConfig, CVVAESD3Config, ImageVAEConfig, load_config
+from .objective import Objective
+from .posterior import DiagonalGaussian
+from .run_checkpoint import PreemptionGuard, RunCheckpointer
+from .train_step import GraphDefs, TrainState, init_state, make_train_step, optimizers, schedules
+from .vae import CVVAE
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIGS = {"cvvae": CVVAEConfig, "cvvae_sd3": CVVAESD3Config, "image_vae": ImageVAEConfig}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its config key."""
+
+
+def model_class(kind: str):
+    return ImageVAE if kind == "image_vae" else CVVAE
+
+
+def _model_config(config):
+    kind = config.model.kind
+    if kind not in MODEL_CONFIGS:
+        raise ConfigError(f"config.model.kind={kind!r}; expected one of {tuple(MODEL_CONFIGS)}")
+    return MODEL_CONFIGS[kind].from_dict(dict(config.model.config))
+
+
+def check_config(config) -> None:
+    """Fail at start, naming the key to set, on paths that the run would need later."""
+    needs_image_vae = config.loss.regularizer != "none" or (
+        config.inflate and not config.init_from and config.model.kind == "cvvae")
+    if config.model.kind != "image_vae" and needs_image_vae and not config.image_vae.path:
+        raise ConfigError("set config.image_vae.path to the frozen image VAE (a diffusers "
+                          "AutoencoderKL directory, e.g. stabilityai/stable-diffusion-2-1 with "
+                          "subfolder 'vae'): the latent regulariser and inflation need it")
+    for key, value in (("config.image_vae.path", config.image_vae.path),
+                       ("config.init_from", config.init_from),
+                       ("config.loss.lpips_vgg_path", config.loss.lpips_vgg_path)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}={value!r} does not exist")
+    for i, src in enumerate(list(config.data.sources)):
+        if src.get("kind") in ("video_folder", "image_folder"):
+            path = src.get("path")
+            if not path or not Path(path).is_dir():
+                raise ConfigError(f"config.data.sources[{i}].path ({src.get('name')!r}) is "
+                                  f"{path!r}: set it to a folder of "
+                                  f"{'videos' if src['kind'] == 'video_folder' else 'images'}")
+    if config.total_steps < 1:
+        raise ConfigError(f"config.total_steps={config.total_steps} must be >= 1")
+
+
+def load_image_vae(config, dtype) -> ImageVAE | None:
+    if not config.image_vae.path:
+        return None
+    return ImageVAE.from_pretrained(config.image_vae.path, config.image_vae.subfolder or None,
+                                    dtype=dtype)
+
+
+# Inference-time CVVAEConfig fields that inflation cannot read off the image VAE.
+_INFLATE_OVERRIDES = ("en_de_n_frames_a_time", "tile_spatial_size", "tile_overlap_ratio")
+
+
+def _inflating(config, image_vae) -> bool:
+    return (not config.init_from and config.inflate and config.model.kind == "cvvae"
+            and image_vae is not None)
+
+
+def initial_config(config, image_vae: ImageVAE | None):
+    """The autoencoder's model config, wherever its weights come from."""
+    if config.init_from:
+        return load_config(Path(config.init_from) / "config.json")
+    if _inflating(config, image_vae):
+        overrides = {k: v for k, v in dict(config.model.config).items() if k in _INFLATE_OVERRIDES}
+        return config_from_image_vae(image_vae.config, **overrides)
+    return _model_config(config)
+
+
+def initial_autoencoder(config, image_vae: ImageVAE | None, dtype):
+    """(module, where it came from) by the resume order after the run's own checkpoints."""
+    cls = model_class(config.model.kind)
+    if config.init_from:
+        return cls.from_pretrained(config.init_from, dtype=dtype), f"init_from {config.init_from}"
+    if _inflating(config, image_vae):
+        overrides = {k: v for k, v in dict(config.model.config).items() if k in _INFLATE_OVERRIDES}
+        vae = CVVAE.from_image_vae(image_vae, seed=config.seed, **overrides)
+        graphdef, _ = nnx.split(CVVAE.abstract(vae.config, dtype=dtype))
+        return nnx.merge(graphdef, nnx.state(vae)), f"inflated from {config.image_vae.path}"
+    return cls.from_config(_model_config(config), dtype=dtype, seed=config.seed), "scratch"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]
+
+
+class Evaluator:
+    """Reconstruction PSNR and, for a CV-VAE with an image VAE, the compatibility PSNR:
+    the image VAE's decoder on the CV-VAE latents against the mapped ("slice") frames."""
+
+    def __init__(self, graphdefs: GraphDefs, clips: np.ndarray, time_factor: int):
+        self.clips, self.time_factor = clips, time_factor
+        gd = graphdefs
+
+        @jax.jit
+        def run(vae_state, frozen, x):
+            vae = nnx.merge(gd.vae, vae_state)
+            z = DiagonalGaussian.from_moments(vae.encode_moments(x)).mode()
+            recon = vae.decode_latents(z).astype(jnp.float32)
+            if gd.image_vae is None:
+                return recon, None
+            image_vae = nnx.merge(gd.image_vae, frozen["image_vae"])
+            flat = image_vae.decode_latents(losses.frames(z))
+            return recon, flat.reshape(z.shape[:2] + flat.shape[1:]).astype(jnp.float32)
+
+        self._run = run
+
+    def __call__(self, vae_state, frozen) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        recon, view = self._run(vae_state, frozen, self.clips)
+        recon = np.asarray(multihost_utils.process_allgather(recon, tiled=True))
+        out = {"eval/psnr": _psnr(recon, self.clips)}
+        media_out = {"input": self.clips, "recon": recon}
+        if view is not None:
+            view = np.asarray(multihost_utils.process_allgather(view, tiled=True))
+            mapped = np.asarray(losses.map_frames(self.clips, "slice", factor=self.time_factor))
+            out["eval/compat_psnr"] = _psnr(view, mapped)
+            media_out["image_vae_view"] = view
+        return out, media_out
+
+
+def write_samples(directory: Path, step: int, clips: dict[str, np.ndarray], fps: float = 8.0):
+    """input | 3D recon | image-VAE view of the latents, as a PNG grid and an mp4."""
+    directory.mkdir(parents=True, exist_ok=True)
+    x, recon = clips["input"][0], clips["recon"][0]
+    rows, labels = [x, recon], ["input", "recon"]
+    view = clips.get("image_vae_view")
+    if view is not None:
+        # Latent frame i stands for input frames 4i-3..4i: repeat it to align in time.
+        t, tl = x.shape[0], view.shape[1]
+        index = [0] + [1 + (i - 1) * (tl - 1) // max(t - 1, 1) for i in range(1, t)]
+        rows.append(view[0][index])
+        labels.append("image VAE")
+    media.frame_grid_png(directory / f"step_{step:06d}.png", rows, labels=labels,
+                         n_frames=min(4, x.shape[0]))
+    if x.shape[0] > 1:
+        media.write_video(directory / f"step_{step:06d}.mp4", media.side_by_side(*rows), fps=fps)
+
+
+def _eval_clips(config, time_factor: int) -> np.ndarray:
+    """The fixed clip(s) for before/after numbers: the first batch of the first eval source."""
+    pipeline = data.make_eval_pipeline(config.data, process_index=0, process_count=1)
+    _, batch = next(iter(pipeline))
+    clips = batch["video"]
+    t = clips.shape[1]
+    return clips[:, : 1 + (t - 1) // time_factor * time_factor]
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        check_config(config)
+        self.config, self.workdir = config, Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = sharding.make_mesh(dict(config.mesh))
+        dtype = DTYPES[config.model.dtype]
+        image_vae = load_image_vae(config, dtype)
+        disc = NLayerDiscriminator3D(**dict(config.disc), dtype=dtype, rngs=nnx.Rngs(config.seed))
+        lpips = load_lpips(config.loss.lpips_vgg_path or None, dtype=dtype)
+        self.objective = Objective(**{k: v for k, v in dict(config.loss).items()
+                                      if k not in ("lpips_vgg_path", "logvar_init")})
+        if self.objective.regularizer != "none" and image_vae is None:
+            raise ConfigError("config.loss.regularizer needs config.image_vae.path")
+        self.vae_abstract = model_class(config.model.kind).abstract(
+            initial_config(config, image_vae), dtype=dtype)
+        vae_def, _ = nnx.split(self.vae_abstract)
+        disc_def, disc_state = nnx.split(disc)
+        split = lambda m: (None, None) if m is None else nnx.split(m)  # noqa: E731
+        (image_def, image_state), (lpips_def, lpips_state) = split(image_vae), split(lpips)
+        self.graphdefs = GraphDefs(vae_def, disc_def, image_def, lpips_def)
+        frozen = {"image_vae": image_state, "lpips": lpips_state}
+        self.frozen = jax.device_put(frozen, sharding.param_sharding(self.mesh, frozen))
+
+        o = config.optim
+        self.g_schedule, d_schedule = schedules(
+            lr=o.lr, lr_g_factor=o.lr_g_factor, warmup_steps=o.warmup_steps,
+            total_steps=config.total_steps, min_lr_ratio=o.min_lr_ratio)
+        self.g_tx, self.d_tx = optimizers(g_schedule=self.g_schedule, d_schedule=d_schedule,
+                                          b1=o.b1, b2=o.b2, eps=o.eps,
+                                          weight_decay=o.weight_decay, grad_clip=o.grad_clip or None)
+        self._init = lambda v, d: init_state(v, d, g_tx=self.g_tx, d_tx=self.d_tx,
+                                             logvar_init=config.loss.logvar_init)
+        _, vae_abstract_state = nnx.split(self.vae_abstract)
+        abstract = jax.eval_shape(self._init, vae_abstract_state, disc_state)
+        self.shardings = sharding.param_sharding(self.mesh, abstract)
+        self.abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            self.shardings)
+        self._disc_state, self._image_vae = disc_state, image_vae
+
+        policy = sharding.remat_policy(config.remat)
+        step_fn = make_train_step(objective=self.objective, graphdefs=self.graphdefs,
+                                  g_tx=self.g_tx, d_tx=self.d_tx, g_schedule=self.g_schedule,
+                                  ema_decay=config.optim.ema_decay, remat_policy=policy,
+                                  remat=config.remat != "none")
+        self._step = jax.jit(step_fn, out_shardings=(self.shardings, None), donate_argnums=(0,))
+        self._compiled: dict[tuple, Any] = {}
+        self.key = jax.random.key(config.seed)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def fresh_state(self) -> tuple[TrainState, str]:
+        dtype = DTYPES[self.config.model.dtype]
+        vae, origin = initial_autoencoder(self.config, self._image_vae, dtype)
+        _, vae_state = nnx.split(vae)
+        state = jax.jit(self._init, out_shardings=self.shardings)(vae_state, self._disc_state)
+        return state, origin
+
+    def compiled_step(self, state, x):
+        """The step compiled for this batch shape (once), and its FLOPs for the MFU estimate."""
+        shape = x.shape
+        if shape not in self._compiled:
+            t = time.perf_counter()
+            lowered = self._step.lower(state, self.frozen, x, self.key)
+            compiled = lowered.compile()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops = float((cost or {}).get("flops", 0.0))
+            logger.info("compiled the step for batch %s in %.1f s (%.3g FLOP/step)", shape,
+                        time.perf_counter() - t, flops)
+            self._compiled[shape] = (compiled, flops)
+        return self._compiled[shape]
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        config = self.config
+        pipeline = data.make_train_pipeline(config.data,
+                                            per_process_batch_scale=jax.local_device_count())
+        log = MetricsLog(self.workdir, tensorboard=config.tensorboard)
+        ckpt = RunCheckpointer(self.workdir / "checkpoints", save_every=config.checkpoint.every,
+                               keep_last=config.checkpoint.keep_last,
+                               keep_every=config.checkpoint.keep_every or None,
+                               config=config.to_dict(), async_save=config.checkpoint.async_save)
+        start, state = 0, None
+        if ckpt.all_steps():
+            restored = ckpt.restore_latest(self.abstract, data_target=pipeline)
+            if restored is None:
+                raise RuntimeError(f"checkpoints {ckpt.all_steps()} exist in {ckpt.directory} "
+                                   "but none restores (see the warnings above); move them away "
+                                   "to start afresh")
+            start, state, _ = restored
+            origin = f"checkpoint step {start}"
+        else:
+            state, origin = self.fresh_state()
+        logger.info("autoencoder from %s; %d steps to go", origin, config.total_steps - start)
+        print(f"starting at step {start} from {origin}", flush=True)
+
+        vae_cfg = self.vae_abstract.config
+        time_factor = getattr(vae_cfg, "time_factor", 1)
+        evaluator = Evaluator(self.graphdefs, _eval_clips(config, time_factor), time_factor)
+        results: dict[str, float] = {}
+        if start == 0:
+            before, clips = evaluator(state.gen["vae"], self.frozen)
+            results.update({f"{k}_before": v for k, v in before.items()})
+            log.write(0, before)
+            write_samples(self.workdir / "samples", 0, clips)
+
+        local_devices = jax.local_device_count()
+        peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
+        bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+                   disable=jax.process_index() != 0, dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), start
+        step = start
+        try:
+            with PreemptionGuard() as guard:
+                while step < config.total_steps:
+                    name, batch = next(pipeline)
+                    x = sharding.global_batch(batch["video"], self.mesh)
+                    compiled, flops = self.compiled_step(state, x)
+                    state, metrics = compiled(state, self.frozen, x, self.key)
+                    step += 1
+                    # One scalar read per step: the K-in-a-row guard must see every step.
+                    run = int(state.nonfinite_run)
+                    if run >= config.max_nonfinite_in_row:
+                        raise FloatingPointError(
+                            f"{run} steps in a row had non-finite losses or gradients (last at "
+                            f"step {step}); stopping. Lower config.optim.lr, set "
+                            "config.optim.grad_clip, or use float32 compute")
+                    if step % config.log_every == 0 or step == config.total_steps:
+                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        now = time.perf_counter()
+                        dt = (now - last_time) / (step - last_step)
+                        last_time, last_step = now, step
+                        metrics.update({"perf/step_time_s": dt,
+                                        "perf/examples_per_s": x.shape[0] / dt,
+                                        "perf/flops_per_step": flops,
+                                        "data/batch_frames": float(x.shape[1])})
+                        if peak > 0 and flops > 0:
+                            metrics["perf/mfu"] = flops / dt / peak
+                        metrics.update({k: float(v) for k, v in pipeline.metrics().items()})
+                        log.write(step, {"source/" + name: 1.0, **metrics})
+                        bar.set_postfix(loss=f"{metrics['loss/total']:.4g}",
+                                        rec=f"{metrics['loss/rec']:.4f}", src=name)
+                    bar.update(1)
+                    ckpt.maybe_save(step, state, pipeline)
+                    if config.sample_every and step % config.sample_every == 0:
+                        _, clips = evaluator(state.gen["vae"], self.frozen)
+                        write_samples(self.workdir / "samples", step, clips)
+                    if guard.preempted(step):
+                        logger.warning("preempted at step %d: saving and exiting", step)
+                        print(f"preempted: saved step {step}, exiting", flush=True)
+                        ckpt.maybe_save(step, state, pipeline, force=True)
+                        ckpt.wait()
+                        return {"preempted_at": float(step)}
+            ckpt.maybe_save(step, state, pipeline, force=True)
+            ckpt.wait()
+        finally:
+            bar.close()
+            log.flush()
+            ckpt.close()
+            pipeline.close()
+
+        after, clips = evaluator(state.gen["vae"], self.frozen)
+        results.update({f"{k}_after": v for k, v in after.items()})
+        log.write(step, after)
+        log.close()
+        write_samples(self.workdir / "samples", step, clips)
+        self.export(state)
+        return results
+
+    def export(self, state: TrainState) -> None:
+        """The raw and EMA autoencoders as official-layout model directories."""
+        for name, params in (("export", state.gen["vae"]), ("export_ema", state.ema)):
+            host = multihost_utils.process_allgather(params, tiled=True)
+            if jax.process_index() == 0:
+                module = nnx.merge(self.graphdefs.vae, host)
+                module.save_pretrained(self.workdir / name)

@@ -1,0 +1,49 @@
+r"""Train CV-VAE (or the image VAE) on one CPU, a GPU, or a TPU pod.
+
+    python train.py --config=configs/cvvae.py:tiny --workdir=runs/cvvae_tiny
+    python train.py --config=configs/cvvae.py --workdir=gs://... --config.image_vae.path=...
+
+Any config field can be overridden on the command line (`--config.optim.lr=1e-4`).
+Multi-host: launch one process per host; jax.distributed is initialised from the
+cluster environment (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from cvvae_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cvvae.py", "training config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, logs, samples); "
+                               "default runs/<config name>")
+
+
+def default_workdir(config_arg: str) -> str:
+    name = config_arg.rsplit("/", 1)[-1].replace(".py", "").replace(":", "_")
+    return f"runs/{name}"
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+    sharding.initialize_distributed()
+    from cvvae_jax.trainer import Trainer  # after jax.distributed
+
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[-1])
+    try:
+        results = Trainer(_CONFIG.value, workdir).train()
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"workdir": workdir, **results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
