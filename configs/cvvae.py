@@ -44,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
         lr=2e-5, lr_g_factor=2.0, warmup_steps=1000, min_lr_ratio=0.005, b1=0.9, b2=0.98,
         eps=1e-4, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999))
     c.mesh = {"data": -1, "fsdp": 1}
+    c.fsdp_min_size = 2**16  # smaller parameters (and their optimizer moments) are replicated
     c.remat = "none"  # see cvvae_jax.sharding.remat_policy
     c.data = data.default_config()
     src = c.data.sources
@@ -64,7 +65,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.total_steps = 150
     c.image_vae.path = "runs/image_vae_tiny/export"
     c.model.config = {"ch": 32, "ch_mult": (1, 1, 1, 1), "num_res_blocks": 1}
-    c.disc.update(ndf=32, n_layers=1)
+    c.disc.update(ndf=32, n_layers=0)  # one 32-channel width: cheap on a CPU
     c.loss.perceptual_weight = 0.0  # no VGG16 weights are bundled
     c.optim.update(lr=5e-4, lr_g_factor=2.0, warmup_steps=10, ema_decay=0.99)
     bundled = str(assets.path(assets.CLIPS[0]).parent)

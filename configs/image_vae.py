@@ -31,7 +31,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.config = {"block_out_channels": (32, 32, 32, 32), "layers_per_block": 1,
                       "down_block_types": ("DownEncoderBlock2D",) * 4,
                       "up_block_types": ("UpDecoderBlock2D",) * 4}
-    c.disc.update(ndf=32, n_layers=1)
+    c.disc.update(ndf=32, n_layers=0)
+    c.loss.disc_start = 150  # the SD VAE recipe, scaled: the GAN joins half-way
     c.loss.perceptual_weight = 0.0
     c.optim.update(lr=1e-3, lr_g_factor=1.0, warmup_steps=10, ema_decay=0.99)
     bundled = str(assets.path(assets.CLIPS[0]).parent)

@@ -47,12 +47,13 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """The lines of `workdir/metrics.jsonl`; a step logged twice (after a resume) keeps
-    its last line."""
+    """One row per step of `workdir/metrics.jsonl`, merging the lines of a step (training
+    metrics and the final eval share the last step); a key logged again (after a resume)
+    keeps its last value."""
     by_step: dict[int, dict] = {}
     path = Path(workdir) / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            by_step[row["step"]] = row
+            by_step.setdefault(row["step"], {}).update(row)
     return [by_step[s] for s in sorted(by_step)]

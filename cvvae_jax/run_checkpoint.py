@@ -135,6 +135,9 @@ class RunCheckpointer:
                                _first_line(e))
                 continue
             data = restored["data"]
+            # The restored step is on disk already: a forced save of it (a finished run
+            # launched again) must not delete and rewrite it.
+            self._saved_steps.add(step)
             return step, restored["state"], data.state if data_target is None else data
         if steps:
             logger.warning("none of the checkpoint steps %s in %s could be restored",

@@ -19,6 +19,7 @@ and videos), export/ and export_ema/ (official-layout model directories).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,10 @@ class Evaluator:
 
 
 def write_samples(directory: Path, step: int, clips: dict[str, np.ndarray], fps: float = 8.0):
-    """input | 3D recon | image-VAE view of the latents, as a PNG grid and an mp4."""
+    """input | 3D recon | image-VAE view of the latents, as a PNG grid and an mp4
+    (process 0 writes; every process holds the same gathered arrays)."""
+    if jax.process_index() != 0:
+        return
     directory.mkdir(parents=True, exist_ok=True)
     x, recon = clips["input"][0], clips["recon"][0]
     rows, labels = [x, recon], ["input", "recon"]
@@ -216,7 +220,8 @@ class Trainer:
         (image_def, image_state), (lpips_def, lpips_state) = split(image_vae), split(lpips)
         self.graphdefs = GraphDefs(vae_def, disc_def, image_def, lpips_def)
         frozen = {"image_vae": image_state, "lpips": lpips_state}
-        self.frozen = jax.device_put(frozen, sharding.param_sharding(self.mesh, frozen))
+        self.frozen = jax.device_put(frozen, sharding.param_sharding(
+            self.mesh, frozen, min_size=config.fsdp_min_size))
 
         o = config.optim
         self.g_schedule, d_schedule = schedules(
@@ -229,7 +234,8 @@ class Trainer:
                                              logvar_init=config.loss.logvar_init)
         _, vae_abstract_state = nnx.split(self.vae_abstract)
         abstract = jax.eval_shape(self._init, vae_abstract_state, disc_state)
-        self.shardings = sharding.param_sharding(self.mesh, abstract)
+        self.shardings = sharding.param_sharding(self.mesh, abstract,
+                                                min_size=config.fsdp_min_size)
         self.abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
             self.shardings)
@@ -305,20 +311,25 @@ class Trainer:
 
         local_devices = jax.local_device_count()
         peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
+        # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
         bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
-                   disable=jax.process_index() != 0, dynamic_ncols=True)
+                   disable=jax.process_index() != 0, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         last_time, last_step = time.perf_counter(), start
-        step = start
+        step, metrics = start, None
         try:
             with PreemptionGuard() as guard:
                 while step < config.total_steps:
                     name, batch = next(pipeline)
                     x = sharding.global_batch(batch["video"], self.mesh)
                     compiled, flops = self.compiled_step(state, x)
+                    previous = metrics
                     state, metrics = compiled(state, self.frozen, x, self.key)
                     step += 1
-                    # One scalar read per step: the K-in-a-row guard must see every step.
-                    run = int(state.nonfinite_run)
+                    # The guard reads the previous step's count (the state is donated, so from
+                    # its metrics): the host fetches the next batch while this step runs.
+                    last = previous if previous is not None and step < config.total_steps else metrics
+                    run = int(last["nonfinite_run"])
                     if run >= config.max_nonfinite_in_row:
                         raise FloatingPointError(
                             f"{run} steps in a row had non-finite losses or gradients (last at "
