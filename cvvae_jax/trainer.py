@@ -309,7 +309,6 @@ class Trainer:
             log.write(0, before)
             write_samples(self.workdir / "samples", 0, clips)
 
-        local_devices = jax.local_device_count()
         peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
         # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
         bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
