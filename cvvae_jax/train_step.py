@@ -78,6 +78,12 @@ def optimizers(*, g_schedule, d_schedule, b1: float, b2: float, eps: float,
     return make(g_schedule), make(d_schedule)
 
 
+def _schedule_count(opt_state) -> jax.Array:
+    """The update count the optimizer's schedule is at: skipped steps do not advance it."""
+    (_, count), *_ = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return count
+
+
 def make_train_step(*, objective: Objective, graphdefs: GraphDefs,
                     g_tx: optax.GradientTransformation, d_tx: optax.GradientTransformation,
                     g_schedule, ema_decay: float, remat_policy=None, remat: bool = False):
@@ -111,7 +117,7 @@ def make_train_step(*, objective: Objective, graphdefs: GraphDefs,
 
         # One scalar decides: a NaN/Inf anywhere reaches the global norms. (A per-leaf
         # isfinite reduction and a where per leaf made XLA's CPU compile 5x slower.)
-        g_norm, d_norm = optax.global_norm(g_grads), optax.global_norm(d_grads)
+        g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
         finite = jnp.isfinite(g_total + d_total + g_norm + d_norm)
 
         def update(_):
@@ -129,7 +135,8 @@ def make_train_step(*, objective: Objective, graphdefs: GraphDefs,
                          ema=ema, nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         metrics = {**aux.metrics, **d_metrics,
                    "grad_norm/generator": g_norm, "grad_norm/discriminator": d_norm,
-                   "lr/generator": jnp.asarray(g_schedule(state.step), jnp.float32),
+                   "lr/generator": jnp.asarray(g_schedule(_schedule_count(state.g_opt)),
+                                               jnp.float32),
                    "skipped": 1.0 - finite.astype(jnp.float32),
                    "nonfinite_run": new.nonfinite_run}
         return new, metrics
