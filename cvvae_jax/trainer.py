@@ -220,8 +220,9 @@ class Trainer:
         (image_def, image_state), (lpips_def, lpips_state) = split(image_vae), split(lpips)
         self.graphdefs = GraphDefs(vae_def, disc_def, image_def, lpips_def)
         frozen = {"image_vae": image_state, "lpips": lpips_state}
-        self.frozen = jax.device_put(frozen, sharding.param_sharding(
-            self.mesh, frozen, min_size=config.fsdp_min_size))
+        frozen_shardings = sharding.param_sharding(self.mesh, frozen,
+                                                   min_size=config.fsdp_min_size)
+        self.frozen = jax.device_put(frozen, frozen_shardings)
 
         o = config.optim
         self.g_schedule, d_schedule = schedules(
@@ -246,7 +247,12 @@ class Trainer:
                                   g_tx=self.g_tx, d_tx=self.d_tx, g_schedule=self.g_schedule,
                                   ema_decay=config.optim.ema_decay, remat_policy=policy,
                                   remat=config.remat != "none")
-        self._step = jax.jit(step_fn, out_shardings=(self.shardings, None), donate_argnums=(0,))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._step = jax.jit(
+            step_fn,
+            in_shardings=(self.shardings, frozen_shardings,
+                          sharding.batch_sharding(self.mesh, 5), replicated),
+            out_shardings=(self.shardings, replicated), donate_argnums=(0,))
         self._compiled: dict[tuple, Any] = {}
         self.key = jax.random.key(config.seed)
 
