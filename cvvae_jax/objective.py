@@ -65,7 +65,7 @@ def frozen(module: nnx.Module | None) -> nnx.Module | None:
     return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
 
 
-def _per_frame(net, x: jax.Array) -> jax.Array:
+def per_frame(net, x: jax.Array) -> jax.Array:
     """Run a 2D network over every frame of (B, T, ...) at once."""
     y = net(losses.frames(x))
     return y.reshape(x.shape[:2] + y.shape[1:])
@@ -132,7 +132,7 @@ class Objective:
             mapped = losses.map_frames(x, self.mapping, key_map, vae.config.time_factor)
         mean, logvar, target = post.mean, post.logvar, x
         if self.encoder_regularizer:
-            sd_post = DiagonalGaussian.from_moments(_per_frame(image_vae.encode_moments, mapped))
+            sd_post = DiagonalGaussian.from_moments(per_frame(image_vae.encode_moments, mapped))
             if sd_post.mean.shape != z.shape:
                 raise ValueError(f"generator_loss: the encoder regulariser needs one mapped frame "
                                  f"per latent frame; got {sd_post.mean.shape} for latents {z.shape} "
@@ -161,7 +161,7 @@ class Objective:
             z_img = z[: x.shape[0]]
             if self.mapping == "first":
                 z_img = z_img[:, :1]
-            x_2d = _per_frame(image_vae.decode_latents, z_img)
+            x_2d = per_frame(image_vae.decode_latents, z_img)
             rec_2d = losses.pixel_loss(mapped, x_2d, self.rec_loss)
             nll_2d = losses.nll_loss(rec_2d, logvars.image)
             metrics.update({"loss/rec2d": jnp.mean(rec_2d), "loss/nll2d": nll_2d,
@@ -172,10 +172,9 @@ class Objective:
         on = self._disc_on(step)
         if self.adaptive_disc_weight:
             kernel, h_const = jax.lax.stop_gradient((conv_out.kernel[...], h))
-            frozen_disc = frozen(disc)
             nll_grad = jax.grad(lambda w: nll_of(_with_kernel(conv_out, h_const, w))[0])(kernel)
             g_grad = jax.grad(lambda w: losses.generator_loss(
-                frozen_disc(_with_kernel(conv_out, h_const, w))))(kernel)
+                disc(_with_kernel(conv_out, h_const, w))))(kernel)
             d_weight = losses.adaptive_weight(nll_grad, g_grad, self.disc_weight)
         else:
             d_weight = jnp.asarray(self.disc_weight, jnp.float32)

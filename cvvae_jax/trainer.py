@@ -39,7 +39,7 @@ from .lpips import load_lpips
 from .metrics_log import MetricsLog
 from .inflate import config_from_image_vae
 from .model_config import CVVAEConfig, CVVAESD3Config, ImageVAEConfig, load_config
-from .objective import Objective
+from .objective import Objective, per_frame
 from .posterior import DiagonalGaussian
 from .run_checkpoint import PreemptionGuard, RunCheckpointer
 from .train_step import GraphDefs, TrainState, init_state, make_train_step, optimizers, schedules
@@ -70,7 +70,7 @@ def check_config(config) -> None:
     """Fail at start, naming the key to set, on paths that the run would need later."""
     needs_image_vae = config.loss.regularizer != "none" or (
         config.inflate and not config.init_from and config.model.kind == "cvvae")
-    if config.model.kind != "image_vae" and needs_image_vae and not config.image_vae.path:
+    if needs_image_vae and not config.image_vae.path:
         raise ConfigError("set config.image_vae.path to the frozen image VAE (a diffusers "
                           "AutoencoderKL directory, e.g. stabilityai/stable-diffusion-2-1 with "
                           "subfolder 'vae'): the latent regulariser and inflation need it")
@@ -106,13 +106,16 @@ def _inflating(config, image_vae) -> bool:
             and image_vae is not None)
 
 
+def _inflate_overrides(config) -> dict:
+    return {k: v for k, v in dict(config.model.config).items() if k in _INFLATE_OVERRIDES}
+
+
 def initial_config(config, image_vae: ImageVAE | None):
     """The autoencoder's model config, wherever its weights come from."""
     if config.init_from:
         return load_config(Path(config.init_from) / "config.json")
     if _inflating(config, image_vae):
-        overrides = {k: v for k, v in dict(config.model.config).items() if k in _INFLATE_OVERRIDES}
-        return config_from_image_vae(image_vae.config, **overrides)
+        return config_from_image_vae(image_vae.config, **_inflate_overrides(config))
     return _model_config(config)
 
 
@@ -122,8 +125,7 @@ def initial_autoencoder(config, image_vae: ImageVAE | None, dtype):
     if config.init_from:
         return cls.from_pretrained(config.init_from, dtype=dtype), f"init_from {config.init_from}"
     if _inflating(config, image_vae):
-        overrides = {k: v for k, v in dict(config.model.config).items() if k in _INFLATE_OVERRIDES}
-        vae = CVVAE.from_image_vae(image_vae, seed=config.seed, **overrides)
+        vae = CVVAE.from_image_vae(image_vae, seed=config.seed, **_inflate_overrides(config))
         graphdef, _ = nnx.split(CVVAE.abstract(vae.config, dtype=dtype))
         return nnx.merge(graphdef, nnx.state(vae)), f"inflated from {config.image_vae.path}"
     return cls.from_config(_model_config(config), dtype=dtype, seed=config.seed), "scratch"
@@ -150,8 +152,7 @@ class Evaluator:
             if gd.image_vae is None:
                 return recon, None
             image_vae = nnx.merge(gd.image_vae, frozen["image_vae"])
-            flat = image_vae.decode_latents(losses.frames(z))
-            return recon, flat.reshape(z.shape[:2] + flat.shape[1:]).astype(jnp.float32)
+            return recon, per_frame(image_vae.decode_latents, z).astype(jnp.float32)
 
         self._run = run
 
@@ -210,8 +211,6 @@ class Trainer:
         lpips = load_lpips(config.loss.lpips_vgg_path or None, dtype=dtype)
         self.objective = Objective(**{k: v for k, v in dict(config.loss).items()
                                       if k not in ("lpips_vgg_path", "logvar_init")})
-        if self.objective.regularizer != "none" and image_vae is None:
-            raise ConfigError("config.loss.regularizer needs config.image_vae.path")
         self.vae_abstract = model_class(config.model.kind).abstract(
             initial_config(config, image_vae), dtype=dtype)
         vae_def, _ = nnx.split(self.vae_abstract)
