@@ -13,7 +13,6 @@ one `error: ...` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from . import checkpoint, weights
+from . import checkpoint, cli, weights
 from .image_vae import ImageVAE
 from .model_config import load_config
 from .pretrained import resolve_dir
@@ -96,12 +95,6 @@ def to_pytorch(src: Path, dst: Path, *, dtype) -> tuple:
     return config, list(state_dict.values())
 
 
-def _ignore_closed_event_loop(unraisable) -> None:
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-        sys.__unraisablehook__(unraisable)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cvvae_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,29 +115,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A failure prints our one error line only. Orbax warns through absl; after a failed
-    # read, its other in-flight reads end in asyncio "never retrieved" errors and in
-    # TensorStore callbacks hitting the closed event loop (unraisable exceptions).
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = _ignore_closed_event_loop
     start = time.perf_counter()
-    try:
+
+    def convert() -> None:
         src = args.src / (getattr(args, "subfolder", None) or "")
         check_dst(args.dst, src, args.overwrite)  # before any slow work
         if args.command == "to-orbax":
             config, arrays = to_orbax(args.src, args.dst, subfolder=args.subfolder)
         else:
             config, arrays = to_pytorch(args.src, args.dst, dtype=DTYPES[args.dtype])
-    except Exception as e:  # a CLI failure is one line, whatever raised it
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    n = sum(int(np.prod(a.shape)) for a in arrays)
-    nbytes = sum(a.nbytes for a in arrays)
-    print(f"converted {config.CLASS_NAME}: {len(arrays)} tensors, {_si(n)} parameters, "
-          f"{_si(nbytes, 'B')} -> {args.dst} ({time.perf_counter() - start:.1f} s)")
-    return 0
+        n = sum(int(np.prod(a.shape)) for a in arrays)
+        nbytes = sum(a.nbytes for a in arrays)
+        print(f"converted {config.CLASS_NAME}: {len(arrays)} tensors, {_si(n)} parameters, "
+              f"{_si(nbytes, 'B')} -> {args.dst} ({time.perf_counter() - start:.1f} s)")
+
+    return cli.run(convert)
 
 
 if __name__ == "__main__":
