@@ -57,6 +57,13 @@ def kwargs_from_official(params: Mapping) -> dict:
     return {_OFFICIAL_TO_OURS[k]: v for k, v in merged.items()}
 
 
+def official_params(**kwargs) -> dict:
+    """The official `params` (all of them) for our constructor kwargs: kwargs_from_official's inverse."""
+    ours_to_official = {ours: official for official, ours in _OFFICIAL_TO_OURS.items()}
+    return {**OFFICIAL_DEFAULTS, "use_actnorm": False,
+            **{ours_to_official[k]: v for k, v in kwargs.items()}}
+
+
 def _uniform_init(bound: float):
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)

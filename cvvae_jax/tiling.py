@@ -104,10 +104,19 @@ def tiled(fn: Fn, x: jax.Array, plan: TilePlan | None) -> jax.Array:
     return jnp.concatenate(out_rows, axis=h_axis)
 
 
-def chunked(fn: Fn, x: jax.Array, per_chunk: int | None) -> jax.Array:
-    """Apply `fn` to the official frame chunks of x (axis 1) and join them."""
+def chunked(fn: Fn, x: jax.Array, per_chunk: int | None,
+            on_chunk: Callable[[int, int], None] | None = None) -> jax.Array:
+    """Apply `fn` to the official frame chunks of x (axis 1) and join them.
+
+    `on_chunk(done, total)` runs after each chunk has finished computing (for
+    progress bars); without it, chunks are dispatched asynchronously.
+    """
+    bounds = chunk_bounds(x.shape[1], per_chunk)
     outs = []
-    for n, (a, b) in enumerate(chunk_bounds(x.shape[1], per_chunk)):
+    for n, (a, b) in enumerate(bounds):
         y = fn(x[:, a:b])
+        if on_chunk is not None:
+            jax.block_until_ready(y)
+            on_chunk(n + 1, len(bounds))
         outs.append(y if n == 0 else y[:, 1:])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

@@ -14,6 +14,7 @@ jitted network call (`tiling.py`). Inside your own jitted code (training), call
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,9 @@ from .conv_kits import SD3Kit
 from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
 from .posterior import DiagonalGaussian
 from .pretrained import Pretrained, check_pixels, jitted_part
+
+# Called with (chunks done, chunks in all) after each frame chunk has been computed.
+Progress = Callable[[int, int], None]
 
 
 class CVVAE(Pretrained):
@@ -92,7 +96,7 @@ class CVVAE(Pretrained):
                              f"(e.g. {h - h % s} x {w - w % s}); resize or crop first")
         return x
 
-    def _pieces(self, method: str, x: jax.Array, *, encode: bool) -> jax.Array:
+    def _pieces(self, method: str, x: jax.Array, *, encode: bool, progress=None) -> jax.Array:
         """`method` run over the official frame chunks and spatial tiles of x."""
         cfg = self.config
         plan = None
@@ -102,18 +106,22 @@ class CVVAE(Pretrained):
         per_chunk = cfg.encode_frames_per_chunk if encode else cfg.decode_frames_per_chunk
         graphdef, state = nnx.split(self)
         net = functools.partial(jitted_part(graphdef, method), state)
-        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), x, per_chunk)
+        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), x, per_chunk, progress)
 
-    def encode(self, x) -> DiagonalGaussian:
-        """(B, 1 + 4k, H, W, 3) in [-1, 1] -> posterior over (B, 1 + k, H/8, W/8, C)."""
-        moments = self._pieces("encode_moments", self._check_video(x), encode=True)
+    def encode(self, x, progress: Progress | None = None) -> DiagonalGaussian:
+        """(B, 1 + 4k, H, W, 3) in [-1, 1] -> posterior over (B, 1 + k, H/8, W/8, C).
+
+        `progress(done, total)` is called after each frame chunk (e.g. a tqdm update).
+        """
+        moments = self._pieces("encode_moments", self._check_video(x), encode=True,
+                               progress=progress)
         return DiagonalGaussian.from_moments(moments)
 
-    def decode(self, z) -> jax.Array:
+    def decode(self, z, progress: Progress | None = None) -> jax.Array:
         """(B, 1 + k, h, w, C) latents -> (B, 1 + 4k, 8h, 8w, 3) pixels (compute dtype)."""
         z = check_pixels(z, name="decode", rank=5, channels=self.latent_channels,
                          layout="(B, T, h, w, C)")
-        return self._pieces("decode_latents", z, encode=False)
+        return self._pieces("decode_latents", z, encode=False, progress=progress)
 
     def reconstruct(self, x, key: jax.Array | None = None) -> jax.Array:
         """decode(encode(x)), from the posterior mode or, given a key, a sample."""

@@ -1,19 +1,34 @@
-"""Tests for cvvae_jax.convert and the Orbax layout: bit-exact round trips, clean CLI errors."""
+"""Tests for cvvae_jax.convert and the Orbax layout: bit-exact round trips, train.py
+checkpoints to the official layout, clean CLI errors."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
+import train_config
 from flax import nnx
 from safetensors.numpy import load_file
 
-from cvvae_jax import CVVAE, weights
+from cvvae_jax import CVVAE, CVVAEConfig, convert, weights
+from cvvae_jax.discriminator import (
+    NLayerDiscriminator3D,
+    kwargs_from_official,
+    load_discriminator_state,
+)
+from cvvae_jax.inflate import config_from_image_vae
+from cvvae_jax.model_config import load_config
+from cvvae_jax.run_checkpoint import RunCheckpointer
+from cvvae_jax.train_step import init_state, optimizers
 from conftest import FIXTURES, channels_last
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,3 +209,118 @@ def test_orbax_params_for_another_config_name_the_differences(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(weights.WeightsError, match=r"missing keys \(\d+\): decoder.up.0.block.2"):
         CVVAE.from_pretrained(tmp_path)
+
+
+# -- train.py checkpoints ------------------------------------------------------------------
+
+
+def _filled(abstract_module, seed: int) -> nnx.State:
+    """The module's parameters set to distinct numbers, with no init to compile."""
+    rng = np.random.default_rng(seed)
+    _, abstract = nnx.split(abstract_module)
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)), abstract)
+
+
+@pytest.fixture(scope="module")
+def train_checkpoint(tmp_path_factory):
+    """A train.py workdir holding step 7 of tests/train_config.py's run, EMA != raw."""
+    config = train_config.get_config()
+    model_config = CVVAEConfig.from_dict(dict(config.model.config))
+    abstract_vae = CVVAE.abstract(model_config)
+    vae = _filled(abstract_vae, seed=0)
+    disc = _filled(nnx.eval_shape(lambda: NLayerDiscriminator3D(**config.disc, rngs=nnx.Rngs(0))),
+                   seed=1)
+    g_tx, d_tx = optimizers(g_schedule=optax.constant_schedule(1e-3),
+                            d_schedule=optax.constant_schedule(1e-3), b1=0.9, b2=0.98, eps=1e-4,
+                            weight_decay=0.01, grad_clip=1.0)
+    state = init_state(vae, disc, g_tx=g_tx, d_tx=d_tx)
+    state = state._replace(ema=_filled(abstract_vae, seed=2))
+    workdir = tmp_path_factory.mktemp("run")
+    with RunCheckpointer(workdir / "checkpoints", save_every=1, keep_last=2,
+                         config=config.to_dict(), async_save=False) as ckpt:
+        ckpt.maybe_save(7, state, {"position": 7}, force=True)
+    return workdir, model_config, state
+
+
+def _convert_in_process(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # cli.run replaces it
+    return convert.main([str(a) for a in args])
+
+
+def _assert_params_equal(state: nnx.State, expected: nnx.State) -> None:
+    got, want = dict(weights.params_of(state)), dict(weights.params_of(expected))
+    assert sorted(got) == sorted(want)
+    for path, var in want.items():
+        np.testing.assert_array_equal(np.asarray(got[path].get_value()),
+                                      np.asarray(var.get_value()), err_msg=str(path))
+
+
+@pytest.mark.parametrize("params", ["ema", "raw"])
+def test_training_checkpoint_to_pytorch(params, train_checkpoint, tmp_path, capsys, monkeypatch):
+    workdir, model_config, state = train_checkpoint
+    dst = tmp_path / "pt"
+    # The workdir converts its newest step; --params ema is also the default.
+    src, flags = ((workdir, []) if params == "ema"
+                  else (workdir / "checkpoints" / "7", ["--params", "raw"]))
+    assert _convert_in_process(monkeypatch, "to-pytorch", src, dst, *flags) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"converted CVVAEModel: 96 tensors, 469.4k parameters, 1.9 MB -> "
+                        rf"{re.escape(str(dst))} \(\d+\.\d s\)", lines[0]), lines
+    assert lines[1:] == [
+        f"from the {params} parameters of checkpoint step 7 in {workdir / 'checkpoints'}",
+        f"discriminator: 28 tensors, 147.4k parameters, 589.7 kB -> "
+        f"{dst / convert.DISC_WEIGHTS_NAME}"]
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "discriminator.safetensors",
+        "discriminator_config.json"]
+
+    vae = CVVAE.from_pretrained(dst)
+    assert vae.config == model_config
+    _assert_params_equal(nnx.state(vae), state.ema if params == "ema" else state.gen["vae"])
+
+    disc_config = json.loads((dst / convert.DISC_CONFIG_NAME).read_text())
+    assert disc_config == {"input_nc": 3, "ndf": 32, "n_layers": 0, "use_actnorm": False,
+                           "half_3d": False, "causal": False}
+    disc = nnx.eval_shape(lambda: NLayerDiscriminator3D(**kwargs_from_official(disc_config),
+                                                        rngs=nnx.Rngs(0)))
+    load_discriminator_state(disc, dst / convert.DISC_WEIGHTS_NAME)
+    _assert_params_equal(nnx.state(disc), state.disc)
+
+
+def test_model_config_of_an_inflated_run_comes_from_its_image_vae():
+    config = train_config.get_config()
+    config.inflate, config.image_vae.path = True, str(FIXTURES / "sd_vae_tiny")
+    config.model.config = {"en_de_n_frames_a_time": 8}  # kept: inflation cannot derive it
+    got = convert.checkpoint_model_config(ml_collections.ConfigDict(config.to_dict()))
+    image_config = load_config(FIXTURES / "sd_vae_tiny" / weights.CONFIG_NAME)
+    assert got == config_from_image_vae(image_config, en_de_n_frames_a_time=8)
+    assert (got.ch, got.ch_mult, got.z_channels, got.en_de_n_frames_a_time) == \
+        (32, (1, 1, 2, 2), 4, 8)
+
+    config.image_vae.path = "/gone/image_vae"
+    with pytest.raises(FileNotFoundError, match=r"no such directory: /gone/image_vae; .* "
+                                                r"pass --model-config"):
+        convert.checkpoint_model_config(ml_collections.ConfigDict(config.to_dict()))
+
+
+# A failed TensorStore read leaves callbacks hitting Orbax's closed event loop, harmlessly.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["missing_workdir", "truncated_arrays"])
+def test_bad_training_checkpoint_is_one_line(damage, train_checkpoint, tmp_path, capsys,
+                                             monkeypatch):
+    src = tmp_path / "run"
+    if damage == "truncated_arrays":
+        shutil.copytree(train_checkpoint[0], src)
+        array_files = list((src / "checkpoints" / "7" / "state").rglob("d/*"))
+        assert array_files
+        for p in array_files:
+            os.truncate(p, p.stat().st_size // 2)
+    assert _convert_in_process(monkeypatch, "to-pytorch", src, tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    reason = ("no such directory" if damage == "missing_workdir"
+              else "could not read the parameters in")
+    assert lines[0].startswith("error: ") and reason in lines[0]
+    assert not (tmp_path / "out").exists()

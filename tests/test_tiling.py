@@ -85,3 +85,11 @@ def test_chunks_differ_from_the_whole_clip_because_groupnorm_pools_over_time():
     whole = np.asarray(vae.encode(x).mean)
     prefix = np.asarray(vae.encode(x[:, :5]).mean)
     assert np.abs(prefix - whole[:, :2]).max() > 1e-3
+
+
+def test_progress_is_reported_once_per_chunk_in_order():
+    calls = []
+    x = jnp.arange(14.0).reshape(1, 14, 1, 1, 1)
+    y = tiling.chunked(lambda c: c * 2, x, 4, lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 13 frame steps in chunks of 4
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)

@@ -1,0 +1,322 @@
+"""Reconstruction and compatibility metrics of a CV-VAE on a folder of videos and images.
+
+`evaluate(config)` (config: configs/eval.py; docs/eval.md) runs, on every clip of the
+folder (videos: `frames` frames at `stride` from the first, images as T = 1, both
+centre-cropped to `size`):
+- "cvvae": the CV-VAE's reconstruction (posterior mode, chunked and tiled as its
+  config.json says) against the input, per frame;
+- "compat": the compatibility score, the frozen image VAE's decoder applied to the
+  CV-VAE latents against the frames those latents stand for (`losses.map_frames`);
+- "image_vae": the baseline, the image VAE applied frame by frame.
+Each row gets PSNR and SSIM (on [0, 1]) and LPIPS when a VGG16 backbone is given.
+The per-clip and aggregate numbers go to a JSON file, the markdown table
+(eval_report.py) to stdout, and side-by-side examples to PNG/mp4 files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from . import data, losses, metrics
+from .data import bad_data
+from .data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .eval_report import markdown_table, write_example
+from .image_vae import ImageVAE
+from .lpips import LPIPS, load_lpips, lpips_distance
+from .model_config import valid_frame_counts
+from .pretrained import resolve_dir
+from .vae import CVVAE
+from .weights import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+VIDEOS, IMAGES = "videos", "images"
+ROWS = ("cvvae", "compat", "image_vae")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Reasons a file gives no sample. Not among them: repairs (padding, grayscale, alpha),
+# and short clips dropped because config.short_clip asks for it.
+UNUSABLE = (bad_data.EMPTY_FILE, bad_data.UNREADABLE, bad_data.DECODE_ERROR)
+METRICS = ("psnr", "ssim", "lpips")
+DECIMALS = 6
+# LPIPS: VGG16 pools four times before its last tap.
+MIN_SIZE = 16
+
+
+class EvalError(ValueError):
+    """A config value or input that cannot work, named by its config key."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fail before loading anything, naming the key to set."""
+    for key, hint in (("checkpoint", "a CV-VAE model directory or a training workdir"),
+                      ("data", "a folder of videos and/or images"),
+                      ("image_vae.path", "the SD image VAE directory (diffusers layout)")):
+        value = config.image_vae.path if key == "image_vae.path" else config[key]
+        if not value:
+            raise EvalError(f"set config.{key} to {hint}")
+        if not Path(value).exists():
+            raise EvalError(f"config.{key}={value!r} does not exist")
+    if not Path(config.data).is_dir():
+        raise EvalError(f"config.data={config.data!r} is a file; give the folder that holds it")
+    if config.lpips_vgg_path and not Path(config.lpips_vgg_path).is_file():
+        raise EvalError(f"config.lpips_vgg_path={config.lpips_vgg_path!r} is not a file")
+    # Both official variants compress time 4x, and the data package takes 1 + 4k frames.
+    if config.frames < 1 or (config.frames - 1) % 4:
+        lo, hi = valid_frame_counts(config.frames, 4)
+        raise EvalError(f"config.frames={config.frames}: video clips need 1 + 4k frames "
+                        f"(nearest: {lo} or {hi})")
+    if config.mapping not in losses.MAPPINGS:
+        raise EvalError(f"config.mapping={config.mapping!r}; expected one of {losses.MAPPINGS}")
+    if config.size % 8 or config.size < MIN_SIZE:
+        raise EvalError(f"config.size={config.size}: crops must be a multiple of 8 and at "
+                        f"least {MIN_SIZE} px")
+    if config.dtype not in DTYPES:
+        raise EvalError(f"config.dtype={config.dtype!r}; expected one of {tuple(DTYPES)}")
+
+
+def model_dir(path: str, subfolder: str, ema: bool) -> Path:
+    """A model directory (official or Orbax layout), or a training workdir's export."""
+    d = Path(path) / subfolder if subfolder else Path(path)
+    export = d / ("export_ema" if ema else "export")
+    if (d / CONFIG_NAME).is_file():
+        return d
+    if (export / CONFIG_NAME).is_file():
+        return export
+    if (d / "checkpoints").is_dir():
+        raise EvalError(f"{d} is a training workdir without {export.name}/ (written when "
+                        "training ends); finish or resume the run, or export a model first")
+    return resolve_dir(path, subfolder or None)  # raises, naming what is missing
+
+
+def eval_sources(config) -> list[dict[str, Any]]:
+    """The data package's eval sources for the folder: videos and/or images found in it."""
+    root = Path(config.data)
+    suffixes = {p.suffix.lower() for p in root.rglob("*") if p.is_file()}
+    common = {"path": str(root), "size": (config.size, config.size),
+              "batch_size": config.batch_size}
+    sources = []
+    if suffixes & set(VIDEO_EXTENSIONS):
+        sources.append({"name": VIDEOS, "kind": "video_folder", "frames": config.frames,
+                        "stride": config.stride, **common})
+    if suffixes & set(IMAGE_EXTENSIONS):
+        sources.append({"name": IMAGES, "kind": "image_folder", "frames": 1, **common})
+    if not sources:
+        raise EvalError(f"config.data={str(root)!r} holds no videos ({', '.join(VIDEO_EXTENSIONS)})"
+                        f" or images ({', '.join(IMAGE_EXTENSIONS)})")
+    return sources
+
+
+def pipeline_for(config, source: dict[str, Any]) -> data.EvalPipeline:
+    c = data.default_config()
+    c.eval_sources = [source]
+    c.read_threads, c.num_workers, c.short_clip = config.read_threads, 0, config.short_clip
+    return data.make_eval_pipeline(c, process_index=0, process_count=1)
+
+
+class Models:
+    """The CV-VAE, the frozen image VAE and the optional LPIPS, with the jitted scorer."""
+
+    def __init__(self, config):
+        dtype = DTYPES[config.dtype]
+        self.vae_dir = model_dir(config.checkpoint, config.subfolder, config.ema)
+        self.vae = CVVAE.from_pretrained(self.vae_dir, dtype=dtype)
+        self.image_vae = ImageVAE.from_pretrained(config.image_vae.path,
+                                                  config.image_vae.subfolder or None, dtype=dtype)
+        if self.vae.latent_channels != self.image_vae.latent_channels:
+            raise EvalError(
+                f"the CV-VAE has {self.vae.latent_channels} latent channels, the image VAE at "
+                f"config.image_vae.path has {self.image_vae.latent_channels}: pair v1 with "
+                "the SD 2.1 VAE and the SD3 variant with the SD3 VAE")
+        self.lpips = load_lpips(config.lpips_vgg_path) if config.lpips_vgg_path else None
+        if self.lpips is None:
+            logger.warning("no VGG16 weights for LPIPS (config.lpips_vgg_path): LPIPS is "
+                           "reported as null")
+        self.scorer = Scorer(self.lpips, mapping=config.mapping,
+                             time_factor=self.vae.config.time_factor)
+
+
+class Scorer:
+    """Every row's per-frame PSNR, SSIM and LPIPS for one batch, as one jitted program per
+    batch shape (a program per metric and row would multiply the compiles).
+
+    LPIPS enters as an argument: closed over, its weights would be baked into the program.
+    """
+
+    def __init__(self, lpips: LPIPS | None, *, mapping: str, time_factor: int):
+        graphdef, self._state = (None, None) if lpips is None else nnx.split(lpips)
+
+        def score(state, a, b):
+            out = {"psnr": metrics.psnr(a, b), "ssim": metrics.ssim(a, b)}
+            if graphdef is not None:
+                out["lpips"] = lpips_distance(graphdef, state, a.astype(jnp.float32),
+                                              b.astype(jnp.float32))
+            return out
+
+        def scores(state, x, recon, view, baseline, key):
+            target = losses.map_frames(x, mapping, key, factor=time_factor)
+            out = {"cvvae": score(state, x, recon), "compat": score(state, target, view)}
+            if baseline is not None:
+                out["image_vae"] = score(state, x, baseline)
+            return out
+
+        self._scores = jax.jit(scores)
+
+    def __call__(self, x, recon, view, baseline, key) -> dict[str, dict[str, np.ndarray]]:
+        """x, recon, baseline (B, T, H, W, 3) (baseline may be None), view (B, 1 + k, H, W, 3)
+        -> {row: {metric: (B, T') frame scores}}."""
+        return jax.device_get(self._scores(self._state, x, recon, view, baseline, key))
+
+
+def run_batch(models: Models, x: np.ndarray, *, key: jax.Array,
+              baseline: bool) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Per-frame scores of every row for x (B, T, H, W, 3), and the outputs for examples."""
+    vae, image_vae = models.vae, models.image_vae
+    z = vae.encode(x).mode()
+    out = {"input": x, "cvvae": vae.decode(z)}
+    # The image VAE decodes every latent frame as an image: the CV-VAE's latents and,
+    # for the baseline, its own latents of every input frame, in one call (one compile).
+    latents = [losses.frames(z)]
+    if baseline:
+        latents.append(image_vae.encode(losses.frames(x)).mode())
+    decoded = image_vae.decode(jnp.concatenate(latents))
+    n = latents[0].shape[0]
+    out["compat"] = decoded[:n].reshape(z.shape[:2] + x.shape[2:])
+    if baseline:
+        out["image_vae"] = decoded[n:].reshape(x.shape)
+    scores = models.scorer(x, out["cvvae"], out["compat"], out.get("image_vae"), key)
+    return scores, {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def _stats(per_frame: dict[str, np.ndarray], *, frames: bool) -> dict[str, Any]:
+    """Each metric's mean (and with `frames` its frame values); None where not computed."""
+    out = {m: round(float(np.mean(per_frame[m])), DECIMALS) if m in per_frame else None
+           for m in METRICS}
+    if frames:
+        out["frames"] = {m: [round(float(v), DECIMALS) for v in per_frame[m]]
+                         if m in per_frame else None for m in METRICS}
+    return out
+
+
+def _check_usable(batch, pipeline, before: dict[str, int], source: str, root: Path,
+                  skip_bad: bool) -> dict[str, int]:
+    """Raises if a file of this batch gave no sample (unless skip_bad); returns the
+    source's bad-data counts, which now include this batch."""
+    after = pipeline.skip_counts()[source]
+    errors = [r for r in UNUSABLE if after[r] > before[r]]
+    if errors and not skip_bad:
+        # Padding records have no name; per-record reasons are summed per batch.
+        names = [str(root / n) for n, ok in zip(batch["name"], batch["mask"]) if n and not ok]
+        raise EvalError(f"{' or '.join(names)}: {', '.join(errors)}; fix or remove it, or set "
+                        "config.skip_bad=True to leave such files out")
+    return after
+
+
+@contextlib.contextmanager
+def _quiet_bad_data(quiet: bool):
+    """Without skip_bad the error names the bad file: the data log's warning would repeat it."""
+    log = logging.getLogger(bad_data.__name__)
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _source_pass(config, models: Models, source: dict, pipeline: data.EvalPipeline, bar,
+                 out_dir: Path) -> dict[str, Any]:
+    """All clips of one source: per-clip results, the source's aggregate, bad-data counts."""
+    name, root = source["name"], Path(config.data)
+    limit = config.max_clips or sys.maxsize
+    clips, frames = [], {row: {} for row in ROWS}  # frames[row][metric]: per-clip arrays
+    key = jax.random.key(config.seed)
+    counts = pipeline.skip_counts()[name]
+    for _, batch in pipeline:
+        counts = _check_usable(batch, pipeline, counts, name, root, config.skip_bad)
+        keep = np.flatnonzero(batch["mask"])[:limit - len(clips)]
+        if not len(keep):
+            continue
+        scores, outputs = run_batch(models, batch["video"][keep], baseline=config.baseline,
+                                    key=jax.random.fold_in(key, len(clips)))
+        for i, j in enumerate(keep):
+            clip = {"name": str(batch["name"][j]), "source": name}
+            for row in (r for r in ROWS if r in scores):
+                clip[row] = _stats({m: a[i] for m, a in scores[row].items()}, frames=True)
+                for m, a in scores[row].items():
+                    frames[row].setdefault(m, []).append(a[i])
+            if len(clips) < config.examples:
+                write_example(out_dir / "examples", name, len(clips), clip["name"],
+                              {k: v[i] for k, v in outputs.items()},
+                              time_factor=models.vae.config.time_factor)
+            clips.append(clip)
+            bar.update(1)
+        if len(clips) >= limit:
+            break
+    aggregate = {"clips": len(clips), "frames_per_clip": source["frames"]}
+    for row, per_metric in frames.items():
+        if per_metric:  # every frame of every clip weighs the same
+            aggregate[row] = _stats({m: np.concatenate(a) for m, a in per_metric.items()},
+                                    frames=False)
+    return {"clips": clips, "aggregate": aggregate, "data": counts}
+
+
+def evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Run the evaluation; write the JSON and the examples; return the results."""
+    check_config(config)
+    sources = eval_sources(config)
+    default = "_".join(filter(None, ("runs/eval", Path(config.checkpoint).resolve().name,
+                                     config.subfolder)))
+    out_dir = Path(config.out_dir or default)
+    start = time.perf_counter()
+    with _quiet_bad_data(not config.skip_bad):
+        # Built first: a folder with no readable file fails before any model loads.
+        pipelines = {s["name"]: pipeline_for(config, s) for s in sources}
+        models = Models(config)
+        limit = config.max_clips or sys.maxsize
+        total = sum(min(p.num_batches[n] * config.batch_size, limit)
+                    for n, p in pipelines.items())
+        # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
+        with tqdm(total=total, desc="eval", unit="clip", dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
+            passes = {s["name"]: _source_pass(config, models, s, pipelines[s["name"]], bar,
+                                              out_dir) for s in sources}
+    results = {
+        "checkpoint": str(models.vae_dir),
+        "image_vae": str(Path(config.image_vae.path) / (config.image_vae.subfolder or "")),
+        "protocol": {"size": config.size, "frames": config.frames, "stride": config.stride,
+                     "mapping": config.mapping, "short_clip": config.short_clip,
+                     "dtype": config.dtype, "lpips": models.lpips is not None,
+                     "time_factor": models.vae.config.time_factor},
+        "aggregate": {name: p["aggregate"] for name, p in passes.items()},
+        "data": {name: p["data"] for name, p in passes.items()},
+        "clips": [c for p in passes.values() for c in p["clips"]],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    results["table"] = markdown_table(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["out_dir"] = str(out_dir)
+    return results
+
+
+def main(config: ml_collections.ConfigDict) -> int:
+    """eval.py's body: evaluate, then print the table and where the files went."""
+    results = evaluate(config)
+    print(results["table"])
+    print(f"\nper-clip results: {results['out_dir']}/eval.json; examples: "
+          f"{results['out_dir']}/examples/")
+    return 0

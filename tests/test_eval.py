@@ -1,0 +1,225 @@
+"""eval.py end to end on the bundled media with the tiny fixture models, and its errors.
+
+The run is in-process and shared by the tests that read its outputs: 32 px crops and
+5-frame clips keep it to one compile per network and input shape. The fixture models
+have random weights, so the numbers are low; what is checked is that they are the
+right numbers in the right places.
+"""
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from configs.eval import get_config
+from cvvae_jax import CVVAE, assets, cli, evaluation
+from cvvae_jax.data import SampleSpec, load_sample
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+CVVAE_DIR, SD_DIR = FIXTURES / "cvvae_v1_tiny", FIXTURES / "sd_vae_tiny"
+SIZE, FRAMES, STRIDE = 32, 5, 3
+ROWS = ("cvvae", "compat", "image_vae")
+
+
+def _config(data, out_dir, **overrides):
+    c = get_config()
+    c.update(checkpoint=str(CVVAE_DIR), data=str(data), size=SIZE, frames=FRAMES,
+             stride=STRIDE, out_dir=str(out_dir), read_threads=1)
+    c.image_vae.path = str(SD_DIR)
+    c.update(**overrides)
+    return c
+
+
+def _bundled_media(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (*assets.CLIPS, *assets.IMAGES):
+        shutil.copy(assets.path(name), d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The bundled media plus a corrupt video, which skip_bad leaves out and counts."""
+    tmp = tmp_path_factory.mktemp("eval")
+    data = _bundled_media(tmp / "data")
+    (data / "broken.mp4").write_bytes(b"not a video" * 100)
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger(evaluation.__name__).addHandler(handler)
+    try:
+        results = evaluation.evaluate(_config(data, tmp / "out", skip_bad=True))
+    finally:
+        logging.getLogger(evaluation.__name__).removeHandler(handler)
+    return results, tmp / "out", [r for r in records if "LPIPS" in r.getMessage()]
+
+
+def test_json_holds_every_clip_per_frame_and_the_aggregates(run):
+    results, out, lpips_warnings = run
+    saved = json.loads((out / "eval.json").read_text())
+    assert set(saved) == {"checkpoint", "image_vae", "protocol", "aggregate", "data", "clips",
+                          "seconds", "table"}
+    assert saved["protocol"] == {"size": SIZE, "frames": FRAMES, "stride": STRIDE,
+                                 "mapping": "slice", "short_clip": "pad", "dtype": "float32",
+                                 "lpips": False, "time_factor": 4}
+    assert [c["name"] for c in saved["clips"]] == [*assets.CLIPS, *assets.IMAGES]
+    assert saved["data"]["videos"]["unreadable"] == 1  # broken.mp4, skipped
+    # Without a VGG16, LPIPS is null everywhere, after one warning.
+    assert len(lpips_warnings) == 1
+    for clip in saved["clips"]:
+        t = FRAMES if clip["source"] == "videos" else 1
+        lengths = {"cvvae": t, "compat": 1 + (t - 1) // 4, "image_vae": t}
+        for row in ROWS:
+            r = clip[row]
+            assert len(r["frames"]["psnr"]) == len(r["frames"]["ssim"]) == lengths[row]
+            assert r["lpips"] is None and r["frames"]["lpips"] is None
+            assert all(math.isfinite(v) for v in r["frames"]["psnr"] + r["frames"]["ssim"])
+            assert r["psnr"] == pytest.approx(np.mean(r["frames"]["psnr"]), abs=1e-5)
+            # Random-weight models: noise-like outputs, but not garbage numbers.
+            assert 5 < r["psnr"] < 20 and -0.2 < r["ssim"] < 0.3
+    for source, n in (("videos", 2), ("images", 3)):
+        agg = saved["aggregate"][source]
+        assert agg["clips"] == n
+        clips = [c for c in saved["clips"] if c["source"] == source]
+        for row in ROWS:
+            frames = [v for c in clips for v in c[row]["frames"]["psnr"]]
+            assert agg[row]["psnr"] == pytest.approx(np.mean(frames), abs=1e-5)
+    assert saved == json.loads(json.dumps({k: v for k, v in results.items() if k != "out_dir"}))
+
+
+def test_cvvae_numbers_are_those_of_an_independent_reconstruction(run):
+    results, _, _ = run
+    spec = SampleSpec(frames=FRAMES, size=(SIZE, SIZE), stride=(STRIDE, STRIDE), train=False)
+    record = {"media": "video", "data": str(assets.path("clip_b.mp4")), "name": "clip_b.mp4",
+              "caption": ""}
+    x = load_sample(record, spec, None)["video"][None]
+    recon = np.asarray(CVVAE.from_pretrained(CVVAE_DIR).reconstruct(x))
+    a, b = (x[0] + 1) / 2, np.clip((recon[0] + 1) / 2, 0, 1)
+    psnr = [peak_signal_noise_ratio(f, g, data_range=1) for f, g in zip(a, b)]
+    ssim = [structural_similarity(f, g, data_range=1, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, channel_axis=-1)
+            for f, g in zip(a, b)]
+    clip = next(c for c in results["clips"] if c["name"] == "clip_b.mp4")
+    np.testing.assert_allclose(clip["cvvae"]["frames"]["psnr"], psnr, atol=1e-4)
+    np.testing.assert_allclose(clip["cvvae"]["frames"]["ssim"], ssim, atol=1e-5)
+
+
+def test_table_has_the_baseline_and_cvvae_rows_with_the_aggregates(run):
+    results, _, _ = run
+    lines = results["table"].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["model", "time compression", "video PSNR", "video SSIM", "video LPIPS",
+                      "image PSNR", "image SSIM", "image LPIPS", "compat video PSNR",
+                      "compat video SSIM", "compat image PSNR", "compat image SSIM"]
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")]
+                                  for line in lines[2:])}
+    assert list(rows) == ["image VAE (per frame)", "CV-VAE"]
+    agg = results["aggregate"]
+    assert rows["CV-VAE"] == [
+        "4x", f"{agg['videos']['cvvae']['psnr']:.2f}", f"{agg['videos']['cvvae']['ssim']:.4f}",
+        "n/a", f"{agg['images']['cvvae']['psnr']:.2f}", f"{agg['images']['cvvae']['ssim']:.4f}",
+        "n/a", f"{agg['videos']['compat']['psnr']:.2f}", f"{agg['videos']['compat']['ssim']:.4f}",
+        f"{agg['images']['compat']['psnr']:.2f}", f"{agg['images']['compat']['ssim']:.4f}"]
+    baseline = rows["image VAE (per frame)"]
+    assert baseline[:2] == ["1x", f"{agg['videos']['image_vae']['psnr']:.2f}"]
+    assert baseline[-4:] == ["-"] * 4
+
+
+def test_examples_show_input_and_three_outputs(run):
+    _, out, _ = run
+    names = sorted(p.name for p in (out / "examples").iterdir())
+    assert names == ["images_000_image_0.png", "images_001_image_1.png",
+                     "images_002_image_2.png", "videos_000_clip_a.mp4", "videos_000_clip_a.png",
+                     "videos_001_clip_b.mp4", "videos_001_clip_b.png"]
+    # Four rows of 32 px frames with 4 px gaps; videos show 4 frames, images 1.
+    with Image.open(out / "examples" / "videos_000_clip_a.png") as png:
+        assert png.height == 4 * SIZE + 3 * 4
+    with Image.open(out / "examples" / "images_000_image_0.png") as png:
+        assert png.height == 4 * SIZE + 3 * 4 and png.width < 2 * SIZE + 60
+
+
+# -- bad input: one `error:` line, exit status 2 -------------------------------------------
+
+
+def _corrupt_video_folder(d: Path) -> Path:
+    d.mkdir()
+    (d / "a_broken.mp4").write_bytes(b"not a video" * 100)
+    shutil.copy(assets.path("clip_a.mp4"), d / "b_good.mp4")
+    return d
+
+
+def _bad_weights_dir(d: Path) -> Path:
+    d.mkdir()
+    shutil.copy(CVVAE_DIR / "config.json", d)
+    (d / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    return d
+
+
+def _zero_frame_folder(d: Path) -> Path:
+    """A valid mp4 container whose video stream never got a frame."""
+    d.mkdir()
+    container = av.open(str(d / "no_frames.mp4"), mode="w")
+    stream = container.add_stream("libx264", rate=8)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    container.start_encoding()  # writes the header, which muxing no packet never does
+    container.mux(stream.encode(None))
+    container.close()
+    return d
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing data", "config.data="),
+    ("data is a file", "is a file"),
+    ("no media", "holds no videos"),
+    ("corrupt video", "a_broken.mp4: unreadable"),
+    ("zero frames", "none of the 1 record(s) is readable"),
+    ("missing weights", "config.checkpoint="),
+    ("unreadable weights", "diffusion_pytorch_model.safetensors"),
+    ("frames not 1 + 4k", "config.frames=6"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, expected):
+    data, overrides = _bundled_media(tmp_path / "media"), {}
+    if case == "missing data":
+        data = tmp_path / "nowhere"
+    elif case == "data is a file":
+        data = data / assets.CLIPS[0]
+    elif case == "no media":
+        (data := tmp_path / "text").mkdir()
+        (data / "notes.txt").write_text("hello")
+    elif case == "corrupt video":
+        data = _corrupt_video_folder(tmp_path / "corrupt")
+    elif case == "zero frames":
+        data = _zero_frame_folder(tmp_path / "zero")
+    elif case == "missing weights":
+        overrides["checkpoint"] = str(tmp_path / "no_model")
+    elif case == "unreadable weights":
+        overrides["checkpoint"] = str(_bad_weights_dir(tmp_path / "bad_model"))
+    elif case == "frames not 1 + 4k":
+        overrides["frames"] = 6
+    config = _config(data, tmp_path / "out", **overrides)
+    rc = cli.run(lambda: evaluation.main(config))
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and expected in errors[0], captured.err
+    assert "Traceback" not in captured.err and "eval.json" not in captured.out
+    assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_eval_py_reports_a_bad_path_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "eval.py", "--config=configs/eval.py",
+         f"--config.checkpoint={CVVAE_DIR}", f"--config.image_vae.path={SD_DIR}",
+         "--config.data=/nonexistent/videos"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: config.data='/nonexistent/videos' does not exist\n"

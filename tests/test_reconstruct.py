@@ -1,0 +1,179 @@
+"""The reconstruction CLI (cvvae_jax.reconstruct) on a bundled clip with the tiny fixture.
+
+Every run that reaches the model encodes 9 frames of 40x64 in chunks of 4 + 1 frames, so
+the whole file compiles one encoder and one decoder shape.
+"""
+
+import contextlib
+import io
+import shutil
+
+import av
+import numpy as np
+import pytest
+
+import cvvae_jax
+from cvvae_jax import assets, media, metrics, reconstruct, tiling
+from conftest import FIXTURES
+
+CLIP = assets.path("clip_a.mp4")  # 81 frames of 144x256 at 30 fps
+WEIGHTS = FIXTURES / "cvvae_v1_tiny"
+# 6 frames pad to 9; --size 42x70 is not a multiple of 8 and crops to 40x64.
+COMMON = ["--weights", str(WEIGHTS), "--size", "42x70", "--chunk-frames", "4"]
+
+
+def run(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = reconstruct.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A full run, then encode-only and decode-only runs of the same clip."""
+    d = tmp_path_factory.mktemp("reconstruct")
+    full = run(CLIP, *COMMON, "--max-frames", 6, "--out", d / "full.mp4",
+               "--latents", d / "full.safetensors")
+    enc = run(CLIP, *COMMON, "--max-frames", 6, "--encode-only", "--latents", d / "enc.safetensors")
+    dec = run(d / "enc.safetensors", "--decode-only", "--weights", FIXTURES,
+              "--subfolder", WEIGHTS.name, "--chunk-frames", 4, "--out", d / "dec.mp4")
+    for rc, _, err in (full, enc, dec):
+        assert rc == 0, err
+    return d, full[1], enc[1], dec[1]
+
+
+def test_odd_clip_is_padded_and_cropped_and_says_so(runs):
+    d, out, _, _ = runs
+    assert "frames:  6 -> 9 (padded 3 by repeating the last frame; the encoder needs 1 + 4k); " \
+           "the output is trimmed back to 6" in out
+    assert "size:    144x256 -> 40x64 (H x W; --size 42x70 rounded down to multiples of 8; " \
+           "scaled to cover it, then centre-cropped)" in out
+    assert "model:   CVVAEModel, fp32, chunks of 4 frames, tiling off" in out
+    assert "latents: (1, 3, 5, 8, 4) (B, T, H/8, W/8, C)" in out
+    frames, fps = media.read_video(d / "full.mp4")
+    assert frames.shape == (6, 40, 64, 3)
+    assert fps == 30.0
+
+
+def test_printed_psnr_is_that_of_the_decoded_latents(runs):
+    d, out, _, _ = runs
+    frames, _ = media.read_video(CLIP, max_frames=6)
+    frames, _ = reconstruct.fit_size(frames, (42, 70), "crop")
+    z, _ = reconstruct.load_latents(d / "full.safetensors")
+    vae = cvvae_jax.CVVAE.from_pretrained(WEIGHTS)
+    # The official decode chunking of --chunk-frames 4: one latent frame (+ 1 of context).
+    recon = tiling.chunked(vae.decode, z, 1)[0, :6]
+    psnr = np.asarray(metrics.psnr(media.to_float(frames), recon)).mean()
+    assert f"PSNR:    {psnr:.2f} dB (mean over 6 frames)" in out
+    assert 5 < psnr < 30  # the tiny random model reconstructs poorly but not as noise
+
+
+def test_encode_only_then_decode_only_equals_the_full_run(runs):
+    d, full_out, enc_out, dec_out = runs
+    z_full, meta_full = reconstruct.load_latents(d / "full.safetensors")
+    z_enc, meta_enc = reconstruct.load_latents(d / "enc.safetensors")
+    assert z_full.shape == (1, 3, 5, 8, 4) and z_full.dtype == np.float32
+    np.testing.assert_array_equal(z_enc, z_full)
+    assert meta_enc == meta_full
+    assert {k: meta_full[k] for k in ("scaling_factor", "fps", "source_frames", "encoded_frames",
+                                      "output_frames", "frames_mode", "size", "model")} == {
+        "scaling_factor": "0.18215", "fps": "30.0", "source_frames": "6",
+        "encoded_frames": "9", "output_frames": "6", "frames_mode": "pad", "size": "40x64",
+        "model": "CVVAEModel"}
+    assert "PSNR" not in enc_out and not (d / "enc_recon.mp4").exists()
+    assert "PSNR" not in dec_out
+    full, fps_full = media.read_video(d / "full.mp4")
+    dec, fps_dec = media.read_video(d / "dec.mp4")
+    np.testing.assert_array_equal(dec, full)
+    assert fps_dec == fps_full == 30.0
+
+
+def test_trim_and_side_by_side(tmp_path):
+    rc, out, err = run(CLIP, *COMMON, "--max-frames", 10, "--frames", "trim", "--side-by-side",
+                       "--out", tmp_path / "sbs.mp4")
+    assert rc == 0, err
+    assert "frames:  10 -> 9 (trimmed 1 from the end; the encoder needs 1 + 4k)" in out
+    assert "wrote:   " in out and "(input | reconstruction, 9 frames, 30 fps)" in out
+    video, _ = media.read_video(tmp_path / "sbs.mp4")
+    assert video.shape == (9, 40, 64 + 4 + 64, 3)  # 4 px white separator
+    source, _ = media.read_video(CLIP, max_frames=9)
+    source, _ = reconstruct.fit_size(source, (42, 70), "crop")
+    left = np.abs(video[..., :64, :].astype(float) - source).mean()
+    right = np.abs(video[..., -64:, :].astype(float) - source).mean()
+    assert left < 8  # 5.2: H.264 at CRF 23 on 40x64 frames
+    assert right > 40  # 64: the random model's reconstruction
+
+
+def test_fit_size_geometry():
+    frames = np.arange(2 * 20 * 30 * 3, dtype=np.uint8).reshape(2, 20, 30, 3)
+    cropped, note = reconstruct.fit_size(frames, None, "crop")
+    np.testing.assert_array_equal(cropped, frames[:, 2:18, 3:27])  # centred 16x24
+    assert note == ("20x30 -> 16x24 (H x W; centre-cropped to multiples of 8; "
+                    "--fit resize resizes instead)")
+    resized, note = reconstruct.fit_size(frames, None, "resize")
+    assert resized.shape == (2, 24, 32, 3)  # 20 -> 24: halves round up
+    assert note == "20x30 -> 24x32 (H x W; resized to the nearest multiples of 8, aspect not kept)"
+    # Covering 40x40 from 20x30 scales by 2 to 40x60, then crops the centre 40 columns.
+    assert reconstruct.fit_size(frames, (43, 41), "crop")[0].shape == (2, 40, 40, 3)
+    same, note = reconstruct.fit_size(frames[:, :16, :24], None, "crop")
+    assert same.shape == (2, 16, 24, 3) and note == "16x24 (H x W, already multiples of 8)"
+
+
+def test_fit_frames_pads_with_the_last_frame_and_trims_from_the_end():
+    frames = np.arange(6)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    padded, _ = reconstruct.fit_frames(frames, "pad")
+    assert padded[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5]
+    trimmed, _ = reconstruct.fit_frames(frames, "trim")
+    assert trimmed[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert reconstruct.fit_frames(frames[:5], "pad")[1] == "5 (already 1 + 4k)"
+
+
+def _corrupt_video(d):
+    (d / "x.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    return [d / "x.mp4"]
+
+
+def _zero_frame_video(d):
+    """An mp4 whose header declares 3 frames but whose frame data is cut off."""
+    path = d / "z.mp4"
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), "rgb24")))
+        c.mux(s.encode(None))
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"mdat") + 4])  # faststart puts the index first
+    return [path]
+
+
+def _corrupt_weights(d):
+    shutil.copy(WEIGHTS / "config.json", d)
+    (d / "diffusion_pytorch_model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    return [CLIP, "--max-frames", 1, "--weights", d]
+
+
+BAD = {
+    "missing video": (lambda d: [d / "nope.mp4"], "video file not found: "),
+    "corrupt video": (_corrupt_video, "cannot decode"),
+    "zero frames": (_zero_frame_video, "no frames read from"),
+    "corrupt weights": (_corrupt_weights, "corrupt or truncated safetensors"),
+    "no weights dir": (lambda d: [CLIP, "--weights", d / "none"], "no such directory"),
+    "bad size": (lambda d: [CLIP, "--size", "60by90"], "--size '60by90': expected HxW"),
+    "tiny size": (lambda d: [CLIP, "--size", "4x4"], "cropping leaves less than 8 px"),
+    "not latents": (lambda d: [CLIP, "--decode-only"], "cannot read"),
+    "output over input": (lambda d: [CLIP, "--out", CLIP], "is the input file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_error_line(case, tmp_path):
+    make, message = BAD[case]
+    argv = make(tmp_path)
+    if "--weights" not in argv:
+        argv += ["--weights", WEIGHTS]
+    rc, out, err = run(*argv)
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
