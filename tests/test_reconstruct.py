@@ -18,7 +18,7 @@ from conftest import FIXTURES
 
 CLIP = assets.path("clip_a.mp4")  # 81 frames of 144x256 at 30 fps
 WEIGHTS = FIXTURES / "cvvae_v1_tiny"
-# 6 frames pad to 9; --size 42x70 is not a multiple of 8 and crops to 40x64.
+# 7 frames (odd, not 1 + 4k) pad to 9; --size 42x70 is not a multiple of 8 and crops to 40x64.
 COMMON = ["--weights", str(WEIGHTS), "--size", "42x70", "--chunk-frames", "4"]
 
 
@@ -33,9 +33,9 @@ def run(*argv) -> tuple[int, str, str]:
 def runs(tmp_path_factory):
     """A full run, then encode-only and decode-only runs of the same clip."""
     d = tmp_path_factory.mktemp("reconstruct")
-    full = run(CLIP, *COMMON, "--max-frames", 6, "--out", d / "full.mp4",
+    full = run(CLIP, *COMMON, "--max-frames", 7, "--out", d / "full.mp4",
                "--latents", d / "full.safetensors")
-    enc = run(CLIP, *COMMON, "--max-frames", 6, "--encode-only", "--latents", d / "enc.safetensors")
+    enc = run(CLIP, *COMMON, "--max-frames", 7, "--encode-only", "--latents", d / "enc.safetensors")
     dec = run(d / "enc.safetensors", "--decode-only", "--weights", FIXTURES,
               "--subfolder", WEIGHTS.name, "--chunk-frames", 4, "--out", d / "dec.mp4")
     for rc, _, err in (full, enc, dec):
@@ -45,27 +45,27 @@ def runs(tmp_path_factory):
 
 def test_odd_clip_is_padded_and_cropped_and_says_so(runs):
     d, out, _, _ = runs
-    assert "frames:  6 -> 9 (padded 3 by repeating the last frame; the encoder needs 1 + 4k); " \
-           "the output is trimmed back to 6" in out
+    assert "frames:  7 -> 9 (padded 2 by repeating the last frame; the encoder needs 1 + 4k); " \
+           "the output is trimmed back to 7" in out
     assert "size:    144x256 -> 40x64 (H x W; --size 42x70 rounded down to multiples of 8; " \
            "scaled to cover it, then centre-cropped)" in out
     assert "model:   CVVAEModel, fp32, chunks of 4 frames, tiling off" in out
     assert "latents: (1, 3, 5, 8, 4) (B, T, H/8, W/8, C)" in out
     frames, fps = media.read_video(d / "full.mp4")
-    assert frames.shape == (6, 40, 64, 3)
+    assert frames.shape == (7, 40, 64, 3)
     assert fps == 30.0
 
 
 def test_printed_psnr_is_that_of_the_decoded_latents(runs):
     d, out, _, _ = runs
-    frames, _ = media.read_video(CLIP, max_frames=6)
+    frames, _ = media.read_video(CLIP, max_frames=7)
     frames, _ = reconstruct.fit_size(frames, (42, 70), "crop")
     z, _ = reconstruct.load_latents(d / "full.safetensors")
     vae = cvvae_jax.CVVAE.from_pretrained(WEIGHTS)
     # The official decode chunking of --chunk-frames 4: one latent frame (+ 1 of context).
-    recon = tiling.chunked(vae.decode, z, 1)[0, :6]
+    recon = tiling.chunked(vae.decode, z, 1)[0, :7]
     psnr = np.asarray(metrics.psnr(media.to_float(frames), recon)).mean()
-    assert f"PSNR:    {psnr:.2f} dB (mean over 6 frames)" in out
+    assert f"PSNR:    {psnr:.2f} dB (mean over 7 frames)" in out
     assert 5 < psnr < 30  # the tiny random model reconstructs poorly but not as noise
 
 
@@ -78,8 +78,8 @@ def test_encode_only_then_decode_only_equals_the_full_run(runs):
     assert meta_enc == meta_full
     assert {k: meta_full[k] for k in ("scaling_factor", "fps", "source_frames", "encoded_frames",
                                       "output_frames", "frames_mode", "size", "model")} == {
-        "scaling_factor": "0.18215", "fps": "30.0", "source_frames": "6",
-        "encoded_frames": "9", "output_frames": "6", "frames_mode": "pad", "size": "40x64",
+        "scaling_factor": "0.18215", "fps": "30.0", "source_frames": "7",
+        "encoded_frames": "9", "output_frames": "7", "frames_mode": "pad", "size": "40x64",
         "model": "CVVAEModel"}
     assert "PSNR" not in enc_out and not (d / "enc_recon.mp4").exists()
     assert "PSNR" not in dec_out
