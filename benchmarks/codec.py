@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -279,8 +278,7 @@ def main(argv=None) -> None:
         for n, (shape, dtype, case) in enumerate(cases, 1):
             latents = Path(tmp) / f"latents_{'x'.join(map(str, shape))}_{dtype}.npy"
             label = f"{'x'.join(map(str, shape))} {dtype} {case}"
-            print(f"[{n}/{len(cases)}] {label} ...", file=sys.stderr, flush=True)
-            start = time.perf_counter()
+            done = common.announce(n, len(cases), label)
             if case == "decode" and not latents.exists() and args.decode_input == "random":
                 np.save(latents, random_latents(args, shape))
             elif case == "decode" and not latents.exists():
@@ -296,15 +294,13 @@ def main(argv=None) -> None:
             r.setdefault("dtype", dtype)
             r.setdefault("direction", case)
             results.append(r)
-            print(f"[{n}/{len(cases)}] {label}: {r.get('error', 'done')} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            done(r)
 
     report(args, results)
 
 
 def report(args, results: list[dict]) -> None:
-    mach = next((r["machine"] for r in results if "machine" in r), None)
-    print(common.machine_line(mach) if mach else f"machine: {common.cpu_model()} (no case ran)")
+    mach = common.print_machine(results)
     print(describe_model(args))
     params = next((r["params"] for r in results if "params" in r), None)
     print(f"{params / 1e6:.1f} M parameters; " if params else "", end="")

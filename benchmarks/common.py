@@ -145,6 +145,25 @@ def run_child(script: Path, argv: Sequence[str], *, timeout: float | None = None
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+def announce(n: int, total: int, label: str) -> Callable[[dict[str, Any]], None]:
+    """Print "[n/total] label ..." on stderr; the returned function prints its outcome and time."""
+    print(f"[{n}/{total}] {label} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+
+    def done(result: dict[str, Any]) -> None:
+        print(f"[{n}/{total}] {label}: {result.get('error', 'done')} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    return done
+
+
+def print_machine(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Print the machine line of the first case that ran; return its machine dict."""
+    mach = next((r["machine"] for r in results if "machine" in r), None)
+    print(machine_line(mach) if mach else f"machine: {cpu_model()} (no case ran)")
+    return mach
+
+
 def fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
     if value is None:
         return none

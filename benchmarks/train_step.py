@@ -36,7 +36,6 @@ and H200, 756 for H100 PCIe) whatever --dtype is, and is n/a on CPU unless given
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -215,21 +214,17 @@ def main(argv=None) -> None:
     cases = [(d, r) for d in args.dtypes for r in args.remats]
     results = []
     for n, (dtype, remat) in enumerate(cases, 1):
-        label = f"{args.widths} {dtype} remat={remat}"
-        print(f"[{n}/{len(cases)}] {label} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
+        done = common.announce(n, len(cases), f"{args.widths} {dtype} remat={remat}")
         r = common.run_child(script, child_argv(args, dtype, remat), timeout=args.timeout)
         r.setdefault("dtype", dtype)
         r.setdefault("remat", remat)
         results.append(r)
-        print(f"[{n}/{len(cases)}] {label}: {r.get('error', 'done')} "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        done(r)
     report(args, results)
 
 
 def report(args, results: list[dict]) -> None:
-    mach = next((r["machine"] for r in results if "machine" in r), None)
-    print(common.machine_line(mach) if mach else f"machine: {common.cpu_model()} (no case ran)")
+    mach = common.print_machine(results)
     peak = args.peak_tflops
     peak_src = "--peak-tflops"
     if peak is None and mach:
