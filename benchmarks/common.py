@@ -25,10 +25,8 @@ if str(ROOT) not in sys.path:  # cvvae_jax and configs/ without `pip install -e 
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from cvvae_jax import assets, media  # noqa: E402
-from cvvae_jax.data.transforms import cover_size  # noqa: E402
 
 RESULT_PREFIX = "RESULT "
 CLIP = "clip_a.mp4"
@@ -84,12 +82,7 @@ def clip_frames(frames: int, height: int, width: int) -> np.ndarray:
     frames (looped if the clip is shorter), scaled to cover the size, centre-cropped."""
     video, _ = media.read_video(assets.path(CLIP), max_frames=frames)
     video = video[np.arange(frames) % video.shape[0]]
-    h, w = cover_size(*video.shape[1:3], (height, width))
-    if (h, w) != video.shape[1:3]:
-        video = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
-                          for f in video])
-    y, x = (h - height) // 2, (w - width) // 2
-    return media.to_float(video[:, y:y + height, x:x + width])
+    return media.to_float(media.cover_and_crop(video, (height, width)))
 
 
 def block(tree):

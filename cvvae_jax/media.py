@@ -34,6 +34,31 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) after scaling (height, width) by one factor so it covers `size`."""
+    scale = max(size[0] / height, size[1] / width)
+    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
+
+
+def resize_frames(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames resized (bicubic) to shape = (h, w)."""
+    if frames.shape[1:3] == tuple(shape):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize(shape[::-1], Image.BICUBIC))
+                     for f in frames])
+
+
+def centre_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = frames.shape[1:3]
+    y, x = (h - size[0]) // 2, (w - size[1]) // 2
+    return frames[:, y:y + size[0], x:x + size[1]]
+
+
+def cover_and_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, 3) frames scaled to cover size = (h, w), then centre-cropped to it."""
+    return centre_crop(resize_frames(frames, cover_size(*frames.shape[1:3], size)), size)
+
+
 def _as_uint8_video(frames, what: str) -> np.ndarray:
     """Validates a (T, H, W, 3) video; float videos are taken to be in [-1, 1]."""
     frames = np.asarray(frames)

@@ -27,7 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from . import cli, media, metrics
@@ -76,13 +75,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def _resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:
-    if frames.shape[1:3] == (h, w):
-        return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
-                     for f in frames])
-
-
 def fit_size(frames: np.ndarray, size: tuple[int, int] | None, mode: str,
              factor: int = 8) -> tuple[np.ndarray, str]:
     """Crops or resizes (T, H, W, 3) frames to multiples of `factor` (and to `size`, HxW).
@@ -107,14 +99,12 @@ def fit_size(frames: np.ndarray, size: tuple[int, int] | None, mode: str,
     if (th, tw) == (h, w):
         return frames, f"{h}x{w} (H x W, already multiples of {factor})"
 
-    if mode == "crop":
-        if size:
-            s = max(th / h, tw / w)
-            frames = _resize(frames, max(th, round(h * s)), max(tw, round(w * s)))
-        top, left = (frames.shape[1] - th) // 2, (frames.shape[2] - tw) // 2
-        frames = frames[:, top:top + th, left:left + tw]
+    if mode == "crop" and size:
+        frames = media.cover_and_crop(frames, (th, tw))
+    elif mode == "crop":
+        frames = media.centre_crop(frames, (th, tw))
     else:
-        frames = _resize(frames, th, tw)
+        frames = media.resize_frames(frames, (th, tw))
 
     if size:
         how = f"--size {size[0]}x{size[1]}"

@@ -18,9 +18,9 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
 from .. import media
+from ..media import centre_crop, cover_size, resize_frames
 from . import clips
 from .bad_data import (
     DECODE_ERROR,
@@ -63,25 +63,11 @@ class SampleSpec:
             raise ValueError("flip is a train augmentation; eval samples are never flipped")
 
 
-def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) after scaling (height, width) by one factor so it covers `size`."""
-    scale = max(size[0] / height, size[1] / width)
-    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
-
-
-def _resize(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if frames.shape[1:3] == shape:
-        return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize(shape[::-1], Image.BICUBIC))
-                     for f in frames])
-
-
 def _crop(frames: np.ndarray, size: tuple[int, int], rng) -> np.ndarray:
     h, w = frames.shape[1:3]
     if rng is None:
-        y, x = (h - size[0]) // 2, (w - size[1]) // 2
-    else:
-        y, x = int(rng.integers(h - size[0] + 1)), int(rng.integers(w - size[1] + 1))
+        return centre_crop(frames, size)
+    y, x = int(rng.integers(h - size[0] + 1)), int(rng.integers(w - size[1] + 1))
     return frames[:, y:y + size[0], x:x + size[1]]
 
 
@@ -109,7 +95,7 @@ def _video_frames(data, spec: SampleSpec, rng, tally: Tally) -> np.ndarray:
         frames = np.stack([pixels for pixels, _ in repaired])
         for reason in repaired[0][1]:
             tally.add(reason)
-        frames = _resize(frames, cover_size(*frames.shape[1:3], spec.size))
+        frames = resize_frames(frames, cover_size(*frames.shape[1:3], spec.size))
     else:
         with VideoReader(data) as reader:
             start, stride = _window(reader.num_frames, spec, rng)
@@ -131,7 +117,7 @@ def _image_frames(data, spec: SampleSpec, tally: Tally) -> np.ndarray:
         pixels, repairs = load_image(data)
     for reason in repairs:
         tally.add(reason)
-    return _resize(pixels[None], cover_size(*pixels.shape[:2], spec.size))
+    return resize_frames(pixels[None], cover_size(*pixels.shape[:2], spec.size))
 
 
 def load_sample(record: dict[str, Any], spec: SampleSpec,
