@@ -1,0 +1,176 @@
+"""Where encode and decode spend their time: each block of the network timed on its own.
+
+    python benchmarks/stages.py [--shape 17x256x256] [--directions encode,decode] \
+        [--official-code /path/to/CV-VAE] [--json PATH]
+
+Walks the v1 CV-VAE (default config, random weights) block by block: conv_in, every
+resnet block, attention, down/upsampler, mid, and norm_out + conv_out. Each block is
+jitted on its own (compile excluded: one untimed call first), fed the previous
+block's output, and timed --runs times (median). With --official-code, the official
+PyTorch model runs the same walk in its own process (same block names: ours mirror the
+official state-dict keys) and the table gets its column and the ratio per block. The
+blocks are the profile `codec.py`'s whole-network figure hides: the sum here is close
+to, not equal to, a whole call (one jit lets XLA overlap and free buffers across
+blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from common import csv_list, emit, fmt, machine, print_machine, run_child, table, write_json
+from codec import CONFIGS, parse_shape
+
+DEFAULT_CONFIG = CONFIGS["default"]
+
+
+def walk(net, direction: str, official: bool):
+    """(name, block) in the order the network runs them; `out` stands for norm_out -> silu -> conv_out."""
+    yield "conv_in", net.conv_in
+    if direction == "encode":
+        for i, level in enumerate(net.down):
+            yield from _level(f"down.{i}", level)
+            if hasattr(level, "downsample"):
+                yield f"down.{i}.downsample", level.downsample
+        yield from (("mid." + n, getattr(net.mid, n)) for n in ("block_1", "attn_1", "block_2"))
+    else:
+        yield from (("mid." + n, getattr(net.mid, n)) for n in ("block_1", "attn_1", "block_2"))
+        for i in reversed(range(len(net.up))):
+            yield from _level(f"up.{i}", net.up[i])
+            if hasattr(net.up[i], "upsample") and (not official or i != 0):
+                yield f"up.{i}.upsample", net.up[i].upsample
+    yield "out", (net.norm_out, net.conv_out)
+
+
+def _level(prefix, level):
+    for j, block in enumerate(level.block):
+        yield f"{prefix}.block.{j}", block
+        if len(level.attn):
+            yield f"{prefix}.attn.{j}", level.attn[j]
+
+
+def input_shape(direction: str, shape) -> tuple[int, ...]:
+    t, h, w = shape
+    if direction == "encode":
+        return (1, t, h, w, 3)
+    return (1, 1 + (t - 1) // 4, h // 8, w // 8, 4)
+
+
+def run_ours(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cvvae_jax.model_config import CVVAEConfig
+    from cvvae_jax.vae import CVVAE
+
+    cfg = CVVAEConfig.from_dict(json.loads(Path(DEFAULT_CONFIG).read_text()))
+    vae = CVVAE.from_config(cfg, dtype=jnp.float32, seed=0)
+    net = vae.encoder if args.direction == "encode" else vae.decoder
+    x = jax.random.normal(jax.random.key(0), input_shape(args.direction, args.shape))
+    call = nnx.jit(lambda m, x: m(x))
+    out = nnx.jit(lambda norm, conv, x: conv(jax.nn.silu(norm(x))))
+    rows = []
+    for name, block in walk(net, args.direction, official=False):
+        fn = (lambda x, b=block: out(*b, x)) if name == "out" else (lambda x, b=block: call(b, x))
+        y = jax.block_until_ready(fn(x))
+        rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs,
+                                                                       jax.block_until_ready)})
+        x = y
+    return rows
+
+
+def run_official(args) -> list[dict]:
+    import torch
+
+    from official_cvvae import _model
+
+    torch.set_num_threads(os.cpu_count())
+    model = _model(argparse.Namespace(official_code=args.official_code, weights=None), torch)
+    net = model.encoder if args.direction == "encode" else model.decoder
+    shape = input_shape(args.direction, args.shape)
+    x = torch.randn(*shape).permute(0, 4, 1, 2, 3).contiguous()
+    rows = []
+    with torch.no_grad():
+        for name, block in walk(net, args.direction, official=True):
+            if name == "out":
+                norm, conv = block
+                fn = lambda x, n=norm, c=conv: c(torch.nn.functional.silu(n(x)))  # noqa: E731
+            else:
+                fn = block
+            y = fn(x)
+            rows.append({"stage": name, "input": [shape[0], *x.shape[2:], x.shape[1]],
+                         "s": _median(lambda: fn(x), args.runs, lambda v: v)})
+            x = y
+    return rows
+
+
+def _median(fn, runs: int, wait) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        wait(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=parse_shape, default=(17, 256, 256), help="T x H x W")
+    p.add_argument("--directions", type=csv_list, default=["encode", "decode"])
+    p.add_argument("--official-code", help="a checkout of AILab-CVC/CV-VAE: add its column")
+    p.add_argument("--runs", type=int, default=1, help="timed calls per block (after one untimed)")
+    p.add_argument("--json")
+    p.add_argument("--case", choices=["ours", "official"], help=argparse.SUPPRESS)
+    p.add_argument("--direction", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:
+        rows = run_ours(args) if args.case == "ours" else run_official(args)
+        return emit({"rows": rows, "machine": machine()})
+    results = {}
+    for direction in args.directions:
+        base = ["--direction", direction, "--shape", "x".join(map(str, args.shape)),
+                "--runs", str(args.runs)]
+        results[direction] = {"ours": run_child(Path(__file__), ["--case", "ours", *base])}
+        if args.official_code:
+            results[direction]["official"] = run_child(
+                Path(__file__), ["--case", "official", "--official-code", args.official_code, *base])
+    print_machine([r for d in results.values() for r in d.values()])
+    for direction, res in results.items():
+        print(f"\n{direction} {'x'.join(map(str, args.shape))}, fp32, median of {args.runs}")
+        print(report(res))
+    write_json(args.json, {"shape": list(args.shape), "runs": args.runs, "results": results})
+
+
+def report(res) -> str:
+    ours, official = res["ours"], res.get("official")
+    if "error" in ours:
+        return f"ours: {ours['error']}"
+    theirs = {r["stage"]: r["s"] for r in official.get("rows", [])} if official else {}
+    headers = ["stage", "input (B, T, H, W, C)", "ours s"]
+    if official:
+        headers += ["official s", "ours / official"]
+    rows = []
+    for r in ours["rows"]:
+        row = [r["stage"], "x".join(map(str, r["input"])), fmt(r["s"], ".2f")]
+        if official:
+            o = theirs.get(r["stage"])
+            row += [fmt(o, ".2f"), fmt(r["s"] / o if o else None, ".2f")]
+        rows.append(row)
+    total = sum(r["s"] for r in ours["rows"])
+    last = ["total", "", fmt(total, ".1f")]
+    if official:
+        o_total = sum(theirs.values()) if theirs else None
+        last += [fmt(o_total, ".1f"), fmt(total / o_total if o_total else None, ".2f")]
+        if "error" in official:
+            last[3] = official["error"]
+    return table(headers, rows + [last])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Convolutions computed in a form XLA runs faster than the literal one, same numbers.
+
+Each function takes a `layers.Conv` (its kernel, bias, padding, dtype) and returns
+what calling it on the stated input returns, up to float rounding:
+
+- `nearest2x_conv(conv, x)` is `conv(x upsampled 2x nearest in H and W)`. After a nearest 2x
+  upsample every output pixel of a 3x3 conv sees only two distinct rows and two
+  distinct columns of x, so each of the four output phases is a 2x2 conv of x with
+  summed taps: 4/9 of the multiply-adds, and the 4x larger input is never built.
+  The decoder's upsamplers carry ~40% of its FLOPs, which makes this the largest
+  single saving in decode (benchmarks/README.md has the figures).
+- `matmul_conv(conv, x)` handles convs with few input or output channels (the RGB
+  `conv_in`/`conv_out`), which XLA:CPU's convolution runs at a few GFLOP/s: the
+  taps become one matmul, then a sum of shifted slices (few outputs) or the
+  shifted slices are stacked first (few inputs).
+- `time_split_conv(conv, x)` runs a 3D conv as one 2D conv per time tap, summed.
+  XLA:CPU's 2D convolution runs 3D convs with at most TIME_SPLIT_MAX_OUT outputs
+  1.2-1.3x faster this way; wider outputs gain nothing or lose (measured on the
+  full-size model's shapes). Other backends have fast 3D convolutions, so `Conv`
+  uses it on CPU only, and only while its extra memory (two more conv outputs)
+  stays under TIME_SPLIT_MAX_EXTRA_BYTES.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+if TYPE_CHECKING:
+    from .layers import Conv
+
+# One spatial axis of padding: (before, after, mode) with mode "zeros" or "edge".
+# "edge" is torch's "replicate".
+AxisPad = tuple[int, int, str]
+
+ZEROS = "zeros"
+EDGE = "edge"
+
+# At most this many channels on either side and `matmul_conv` beats XLA:CPU's convolution.
+FEW_CHANNELS = 8
+# At most this many output channels and `time_split_conv` beats XLA:CPU's 3D convolution.
+TIME_SPLIT_MAX_OUT = 128
+# The time split keeps two more conv outputs alive than the 3D conv does. Like a cuDNN
+# workspace limit, this caps that extra memory: above it, big tiles take the 3D conv.
+TIME_SPLIT_MAX_EXTRA_BYTES = 2**31
+
+
+def pad_input(x: jax.Array, pads, modes=(ZEROS, EDGE)) -> jax.Array:
+    """Apply the (lo, hi, mode) pads whose mode is in `modes` to the trailing spatial axes of x."""
+    lead = ((0, 0),) * (x.ndim - len(pads) - 1)
+    for mode, np_mode in ((ZEROS, "constant"), (EDGE, "edge")):
+        widths = lead + tuple((lo, hi) if m == mode else (0, 0) for lo, hi, m in pads) + ((0, 0),)
+        if mode in modes and any(w != (0, 0) for w in widths):
+            x = jnp.pad(x, widths, mode=np_mode)
+    return x
+
+
+def zero_pads(pads) -> list[tuple[int, int]]:
+    """The zero pads as lax padding: the convolution pads them itself, which XLA:CPU runs
+    up to 3x faster than a VALID convolution of a zero-padded copy."""
+    return [(lo, hi) if m == ZEROS else (0, 0) for lo, hi, m in pads]
+
+
+def unit_strides(conv: "Conv") -> bool:
+    return conv.strides in (1, None) or set(conv.strides) == {1}
+
+
+def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """A stride-1 conv of channels-last x (any leading batch axes) in the Conv's dtype, no bias."""
+    n = kernel.ndim - 2
+    batch = x.shape[: x.ndim - n - 1]
+    spatial = "DHW"[-n:]
+    y = lax.conv_general_dilated(
+        x.reshape(-1, *x.shape[-n - 1:]).astype(conv.dtype), kernel.astype(conv.dtype),
+        (1,) * n, padding,
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        precision=conv.precision)
+    return y.reshape(*batch, *y.shape[1:])
+
+
+def _add_bias(conv: "Conv", y: jax.Array, repeat: int = 1) -> jax.Array:
+    if conv.bias is None:
+        return y
+    return y + jnp.tile(conv.bias[...], repeat).astype(conv.dtype)
+
+
+def _phase_taps(k: jax.Array, axis: int) -> jax.Array:
+    """3 taps (w0, w1, w2) along `axis` -> 2 taps per output phase, stacked on a new last-but-one
+    axis: phase 0 reads rows (m-1, m) with (w0, w1 + w2), phase 1 rows (m, m+1) with (w0 + w1, w2)."""
+    w0, w1, w2 = (lax.index_in_dim(k, i, axis) for i in range(3))
+    even = jnp.concatenate([w0, w1 + w2], axis)
+    odd = jnp.concatenate([w0 + w1, w2], axis)
+    return jnp.stack([even, odd], axis=-2)
+
+
+def nearest2x_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x repeated 2x in H and W)` for a stride-1 conv whose last two axes are 3x3 padded by one."""
+    check_nearest2x(conv)
+    k = conv.kernel[...]  # (..., 3, 3, I, O)
+    n = k.ndim - 2
+    k = _phase_taps(k, n - 2)  # (..., 2, 3, I, 2, O)
+    k = _phase_taps(k, n - 1)  # (..., 2, 2, I, 2, 2, O)
+    *taps, cin, _, _, cout = k.shape
+    # Padding x by one (zeros or edge) is padding the upsampled image by one.
+    y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k.reshape(*taps, cin, 4 * cout),
+              zero_pads(conv.pads))
+    y = _add_bias(conv, y, 4)
+    *lead, hp, wp, _ = y.shape
+    h, w = hp - 1, wp - 1
+    y = y.reshape(*lead, hp, wp, 2, 2, cout)
+    rows = [jnp.stack([y[..., py:py + h, px:px + w, py, px, :] for px in (0, 1)], axis=-2)
+            for py in (0, 1)]
+    return jnp.stack(rows, axis=-4).reshape(*lead, 2 * h, 2 * w, cout)
+
+
+def check_nearest2x(conv: "Conv") -> None:
+    k, pads = conv.kernel_size, conv.pads
+    if k[-2:] != (3, 3) or any(p[:2] != (1, 1) for p in pads[-2:]) or not unit_strides(conv):
+        raise ValueError(f"nearest2x_conv needs a stride-1 3x3 conv padded by one in space, "
+                         f"got kernel {k}, pads {pads}, strides {conv.strides}")
+
+
+def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x)` for a stride-1 conv with at most FEW_CHANNELS input or output channels."""
+    k = conv.kernel[...]
+    *taps, cin, cout = k.shape
+    n = len(taps)
+    xp = pad_input(x, conv.pads).astype(conv.dtype)
+    out = tuple(s - t + 1 for s, t in zip(xp.shape[-n - 1:-1], taps))
+    offsets = list(itertools.product(*(range(t) for t in taps)))
+
+    def window(a, off):
+        return a[(...,) + tuple(slice(o, o + s) for o, s in zip(off, out)) + (slice(None),)]
+
+    if cout <= FEW_CHANNELS:
+        # Every input pixel's contribution to every tap at once, then each output sums its taps.
+        y = jnp.dot(xp, k.reshape(-1, cin, cout).transpose(1, 0, 2).reshape(cin, -1).astype(conv.dtype),
+                    precision=conv.precision)
+        y = y.reshape(*y.shape[:-1], len(offsets), cout)
+        acc = sum(window(y[..., i, :], off) for i, off in enumerate(offsets))
+    else:
+        cols = jnp.concatenate([window(xp, off) for off in offsets], axis=-1)
+        acc = jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision)
+    return _add_bias(conv, acc)
+
+
+def time_split_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x)` for a stride-1 3D conv, as a sum over its time taps of 2D convs on shifted frames."""
+    k = conv.kernel[...]  # (kt, kh, kw, I, O)
+    # Time is padded here (the taps slice it); zero space pads are left to the 2D convs.
+    xp = pad_input(x, conv.pads[:1] + tuple(p if p[2] == EDGE else (0, 0, ZEROS) for p in conv.pads[1:]))
+    t = xp.shape[-4] - k.shape[0] + 1
+    space = zero_pads(conv.pads[1:])
+    acc = sum(_conv(conv, xp[..., d:d + t, :, :, :], k[d], space) for d in range(k.shape[0]))
+    return _add_bias(conv, acc)
+
+
+def use_time_split(conv: "Conv", x: jax.Array) -> bool:
+    """Whether `Conv` should run as `time_split_conv` (CPU, narrow output, workspace under the cap)."""
+    if len(conv.kernel_size) != 3 or conv.kernel_size[0] == 1 or not unit_strides(conv):
+        return False
+    if conv.out_features > TIME_SPLIT_MAX_OUT or jax.default_backend() != "cpu":
+        return False
+    out_elems = math.prod(x.shape[:-1]) * conv.out_features  # same-size output, pads included
+    return 2 * out_elems * jnp.dtype(conv.dtype).itemsize <= TIME_SPLIT_MAX_EXTRA_BYTES

@@ -1,0 +1,98 @@
+"""The fast convolution forms give what the literal convolution gives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from cvvae_jax import conv_forms, layers
+from cvvae_jax.conv_kits import ImageKit, SD3Kit, V1Kit
+
+
+def literal(conv: layers.Conv, x: jax.Array) -> jax.Array:
+    """The convolution as written: numpy-style padding, then one VALID conv_general_dilated."""
+    n = len(conv.kernel_size)
+    lead = ((0, 0),) * (x.ndim - n - 1)
+    for mode, np_mode in (("zeros", "constant"), ("edge", "edge")):
+        x = jnp.pad(x, lead + tuple((lo, hi) if m == mode else (0, 0) for lo, hi, m in conv.pads)
+                    + ((0, 0),), mode=np_mode)
+    batch = x.shape[: x.ndim - n - 1]
+    spatial = "DHW"[-n:]
+    y = lax.conv_general_dilated(
+        x.reshape(-1, *x.shape[-n - 1:]), conv.kernel[...], (1,) * n, "VALID",
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        precision=lax.Precision.HIGHEST)
+    return (y + conv.bias[...]).reshape(*batch, *y.shape[1:])
+
+
+def nearest2x(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+
+
+def randomise_bias(conv):
+    conv.bias[...] = jax.random.normal(jax.random.key(7), conv.bias.shape)
+    return conv
+
+
+KITS = {
+    "v1 time-doubling (edge time, zero space)": lambda r: V1Kit(jnp.float32, jnp.float32).up(5, True, r),
+    "v1 space only": lambda r: V1Kit(jnp.float32, jnp.float32).up(5, False, r),
+    "sd3 (edge everywhere, causal)": lambda r: SD3Kit(jnp.float32, jnp.float32).up(5, True, r),
+    "image vae (2D)": lambda r: ImageKit(jnp.float32, jnp.float32).up(5, False, r),
+}
+
+
+@pytest.mark.parametrize("kit", KITS)
+def test_nearest2x_conv_equals_conv_of_the_upsampled_input(kit):
+    conv = randomise_bias(KITS[kit](nnx.Rngs(0)))
+    shape = (2, 7, 6, 5) if len(conv.kernel_size) == 2 else (2, 3, 7, 6, 5)
+    x = jax.random.normal(jax.random.key(1), shape)
+    want = literal(conv, nearest2x(x))
+    got = conv_forms.nearest2x_conv(conv, x)
+    assert got.shape == want.shape == shape[:-3] + (14, 12, conv.out_features)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nearest2x_conv_refuses_other_convs():
+    rngs = nnx.Rngs(0)
+    for conv in (layers.conv2d(4, 4, 1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs),
+                 layers.conv2d(4, 4, 3, strides=(2, 2), dtype=jnp.float32, param_dtype=jnp.float32,
+                               rngs=rngs)):
+        with pytest.raises(ValueError, match="stride-1 3x3 conv padded by one"):
+            layers.Upsample(conv, 1)
+
+
+@pytest.mark.parametrize("cin,cout,kernel,pads", [
+    (3, 16, (3, 3, 3), layers.causal_pads(1, layers.ZEROS)),   # RGB in, v1 encoder conv_in
+    (16, 3, (3, 3, 3), layers.causal_pads(1, layers.EDGE)),    # RGB out, SD3 conv_out
+    (3, 16, (3, 3), layers.same_pads(2, 1, layers.ZEROS)),     # 2D, image VAE / LPIPS
+    (8, 8, (1, 1, 1), layers.same_pads(3, 0, layers.ZEROS)),   # 1x1x1 moments
+])
+def test_few_channel_convs_run_as_matmuls_with_the_same_numbers(cin, cout, kernel, pads):
+    conv = randomise_bias(layers.Conv(cin, cout, kernel, pads, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, cin)[-len(kernel) - 2:])
+    np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv_forms.matmul_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
+def test_time_split_conv_equals_the_3d_conv(pads):
+    conv = randomise_bias(layers.Conv(12, 16, (3, 3, 3), pads, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 12))
+    np.testing.assert_allclose(conv_forms.time_split_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
+
+
+def test_time_split_is_chosen_for_narrow_3d_convs_within_the_workspace_cap():
+    rngs = nnx.Rngs(0)
+    narrow = layers.Conv(16, 128, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
+    wide = layers.Conv(16, 256, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
+    two_d = layers.Conv(16, 128, (3, 3), layers.same_pads(2, 1, layers.ZEROS), rngs=rngs)
+    small = jax.ShapeDtypeStruct((1, 17, 256, 256, 16), jnp.float32)  # 2 x 0.5 GiB of outputs
+    tile = jax.ShapeDtypeStruct((1, 9, 576, 576, 16), jnp.float32)    # 2 x 1.5 GiB: over the cap
+    assert conv_forms.use_time_split(narrow, small)
+    assert not conv_forms.use_time_split(narrow, tile)
+    assert not conv_forms.use_time_split(wide, small)
+    assert not conv_forms.use_time_split(two_d, small)
