@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
-from common import csv_list, emit, fmt, machine, print_machine, run_child, table, write_json
+from common import (csv_list, emit, fmt, machine, print_machine, run_child, table, time_runs,
+                    write_json)
 from codec import CONFIGS, parse_shape
 
 DEFAULT_CONFIG = CONFIGS["default"]
@@ -79,8 +79,7 @@ def run_ours(args) -> list[dict]:
     for name, block in walk(net, args.direction, official=False):
         fn = (lambda x, b=block: out(*b, x)) if name == "out" else (lambda x, b=block: call(b, x))
         y = jax.block_until_ready(fn(x))
-        rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs,
-                                                                       jax.block_until_ready)})
+        rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs)})
         x = y
     return rows
 
@@ -105,18 +104,14 @@ def run_official(args) -> list[dict]:
                 fn = block
             y = fn(x)
             rows.append({"stage": name, "input": [shape[0], *x.shape[2:], x.shape[1]],
-                         "s": _median(lambda: fn(x), args.runs, lambda v: v)})
+                         "s": _median(lambda: fn(x), args.runs)})
             x = y
     return rows
 
 
-def _median(fn, runs: int, wait) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        wait(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median(fn, runs: int) -> float:
+    # The caller's first call (which makes the next block's input) was the warm-up.
+    return statistics.median(time_runs(fn, warmup=0, runs=runs))
 
 
 def main() -> None:

@@ -51,11 +51,12 @@ class Conv(nnx.Conv):
     """A convolution over the trailing `len(kernel_size)` axes with per-axis padding.
 
     torch pads explicitly before its convolutions (replicate in time, zeros or
-    replicate in space); we do the same and then run a VALID convolution, so the
-    numbers match. Leading axes beyond the convolved ones are batch axes, which
-    is how a 2D conv runs frame by frame on a (B, T, H, W, C) video. RGB-sized
-    convs run as matmuls (`conv_forms.matmul_conv`), which XLA does far faster;
-    on CPU, narrow 3D convs run as 2D convs per time tap (`conv_forms.time_split_conv`).
+    replicate in space); we replicate explicitly too and let the convolution pad
+    the zeros (`conv_forms.pad_input` / `zero_pads`), so the numbers match. Leading
+    axes beyond the convolved ones are batch axes, which is how a 2D conv runs frame
+    by frame on a (B, T, H, W, C) video. RGB-sized convs run as matmuls
+    (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, narrow 3D convs
+    run as 2D convs per time tap (`conv_forms.time_split_conv`).
     """
 
     def __init__(
@@ -78,19 +79,13 @@ class Conv(nnx.Conv):
             out_features,
             kernel_size,
             strides=tuple(strides) if strides else 1,
-            padding=tuple((lo, hi) if mode == ZEROS else (0, 0) for lo, hi, mode in pads),
+            padding=tuple(conv_forms.zero_pads(pads)),
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=torch_like_init,
             rngs=rngs,
         )
         self.pads = tuple(pads)
-        lead = ((0, 0),)
-        self.edge_pads = (
-            None
-            if all(mode == ZEROS for _, _, mode in pads)
-            else tuple((lo, hi) if mode == EDGE else (0, 0) for lo, hi, mode in pads) + lead
-        )
         for _, _, mode in pads:
             if mode not in (ZEROS, EDGE):
                 raise ValueError(f"unknown padding mode {mode!r}")
@@ -101,10 +96,7 @@ class Conv(nnx.Conv):
             return conv_forms.matmul_conv(self, x)
         if conv_forms.use_time_split(self, x):
             return conv_forms.time_split_conv(self, x)
-        if self.edge_pads is not None:
-            n_batch = x.ndim - len(self.edge_pads)
-            x = jnp.pad(x, ((0, 0),) * n_batch + self.edge_pads, mode="edge")
-        return super().__call__(x)
+        return super().__call__(conv_forms.pad_input(x, self.pads, (EDGE,)))
 
 
 def conv2d(cin, cout, k, *, dtype, param_dtype, rngs, pad_mode=ZEROS, strides=None) -> Conv:
