@@ -15,7 +15,7 @@ what calling it on the stated input returns, up to float rounding:
   shifted slices are stacked first (few inputs).
 - `time_split_conv(conv, x)` runs a 3D conv as one 2D conv per time tap, summed.
   XLA:CPU's 2D convolution runs 3D convs with at most TIME_SPLIT_MAX_OUT outputs
-  1.2-1.3x faster this way; wider outputs gain nothing or lose (measured on the
+  1.2-1.35x faster this way; wider outputs gain nothing or lose (measured on the
   full-size model's shapes). Other backends have fast 3D convolutions, so `Conv`
   uses it on CPU only, and only while its extra memory (two more conv outputs)
   stays under TIME_SPLIT_MAX_EXTRA_BYTES.
