@@ -102,7 +102,10 @@ def time_runs(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
     return [timed(fn)[0] for _ in range(runs)]
 
 
-def summary(times: Sequence[float]) -> dict[str, float]:
+def summary(times: Sequence[float]) -> dict[str, float | None]:
+    """Median and min of timed runs; None for both when there were none (first call only)."""
+    if not times:
+        return {"median_s": None, "min_s": None, "times_s": []}
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": list(times)}
 
 
