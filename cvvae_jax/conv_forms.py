@@ -98,8 +98,14 @@ def _phase_taps(k: jax.Array, axis: int) -> jax.Array:
     return jnp.stack([even, odd], axis=-2)
 
 
-def nearest2x_conv(conv: "Conv", x: jax.Array) -> jax.Array:
-    """`conv(x repeated 2x in H and W)` for a stride-1 conv whose last two axes are 3x3 padded by one."""
+def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
+    """`conv(x repeated 2x in H and W)` for a stride-1 conv whose last two axes are 3x3 padded by one.
+
+    With `up_time=n` the conv's n*C outputs are n frames of C channels (torch
+    `rearrange(x, "b (n c) t h w -> b c (t n) h w")`) and the first output frame
+    is dropped: 1 + k frames become 1 + n*k. Interleaving space and time phases in one expression lets XLA
+    write the full-resolution result once, not once per interleave.
+    """
     check_nearest2x(conv)
     k = conv.kernel[...]  # (..., 3, 3, I, O)
     n = k.ndim - 2
@@ -112,10 +118,23 @@ def nearest2x_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     y = _add_bias(conv, y, 4)
     *lead, hp, wp, _ = y.shape
     h, w = hp - 1, wp - 1
-    y = y.reshape(*lead, hp, wp, 2, 2, cout)
-    rows = [jnp.stack([y[..., py:py + h, px:px + w, py, px, :] for px in (0, 1)], axis=-2)
-            for py in (0, 1)]
-    return jnp.stack(rows, axis=-4).reshape(*lead, 2 * h, 2 * w, cout)
+    c = cout // up_time
+    y = y.reshape(*lead, hp, wp, 2, 2, up_time, c)
+    # Each phase lands on its strided positions by interior padding, and the padded
+    # phases are summed (exact: every output element gets one phase's value plus
+    # zeros). XLA fuses pads and adds into one loop, so the full-resolution result
+    # is written once; stacking and transposing the phases wrote it two or three times.
+    # Negative low time padding drops frame 0's first phase, the dropped first frame.
+    zero = jnp.zeros((), y.dtype)
+    out = None
+    for pt in range(up_time):
+        time = [] if up_time == 1 else [(pt - 1, up_time - 1 - pt, up_time - 1)]
+        lead_pads = [(0, 0, 0)] * (len(lead) - len(time)) + time
+        for py, px in itertools.product((0, 1), (0, 1)):
+            phase = y[..., py:py + h, px:px + w, py, px, pt, :]
+            phase = lax.pad(phase, zero, lead_pads + [(py, 1 - py, 1), (px, 1 - px, 1), (0, 0, 0)])
+            out = phase if out is None else out + phase
+    return out
 
 
 def check_nearest2x(conv: "Conv") -> None:

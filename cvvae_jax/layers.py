@@ -238,19 +238,6 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
-def unfold_time(x: jax.Array, n: int) -> jax.Array:
-    """torch `rearrange(x, "b (n c) t h w -> b c (t n) h w")` in channels-last.
-
-    A conv that emits n*C channels per frame becomes n frames of C channels,
-    interleaved in time; the temporal upsamplers then drop the first frame so that
-    1 + k frames become 1 + 2k.
-    """
-    b, t, h, w, nc = x.shape
-    c = nc // n
-    x = x.reshape(b, t, h, w, n, c).transpose(0, 1, 4, 2, 3, 5)
-    return x.reshape(b, t * n, h, w, c)
-
-
 class Downsample(nnx.Module):
     """A strided conv; a module of its own because the official key is `...downsample(rs.0).conv`."""
 
@@ -274,7 +261,4 @@ class Upsample(nnx.Module):
         self.up_time = up_time
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv_forms.nearest2x_conv(self.conv, x)
-        if self.up_time > 1:
-            x = unfold_time(x, self.up_time)[:, 1:]
-        return x
+        return conv_forms.nearest2x_conv(self.conv, x, self.up_time)

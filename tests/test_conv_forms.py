@@ -31,6 +31,12 @@ def nearest2x(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
 
 
+def unfold_time(x, n):
+    """torch `rearrange(x, "b (n c) t h w -> b c (t n) h w")` in channels-last."""
+    b, t, h, w, nc = x.shape
+    return x.reshape(b, t, h, w, n, nc // n).transpose(0, 1, 4, 2, 3, 5).reshape(b, t * n, h, w, nc // n)
+
+
 def randomise_bias(conv):
     conv.bias[...] = jax.random.normal(jax.random.key(7), conv.bias.shape)
     return conv
@@ -52,6 +58,16 @@ def test_nearest2x_conv_equals_conv_of_the_upsampled_input(kit):
     want = literal(conv, nearest2x(x))
     got = conv_forms.nearest2x_conv(conv, x)
     assert got.shape == want.shape == shape[:-3] + (14, 12, conv.out_features)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kit", [k for k in KITS if "time-doubling" in k or "causal" in k])
+def test_nearest2x_conv_unfolds_time_and_drops_the_first_frame(kit):
+    conv = randomise_bias(KITS[kit](nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 7, 6, 5))
+    want = unfold_time(literal(conv, nearest2x(x)), 2)[:, 1:]
+    got = conv_forms.nearest2x_conv(conv, x, up_time=2)
+    assert got.shape == want.shape == (2, 5, 14, 12, conv.out_features // 2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
