@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
-from . import checkpoint, cli, weights
+from . import checkpoint, cli, dtypes, weights
 from .discriminator import NLayerDiscriminator3D, official_params
 from .image_vae import ImageVAE
 from .model_config import load_config
@@ -42,7 +42,6 @@ from .pretrained import resolve_dir
 from .trainer import initial_config
 from .vae import CVVAE
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 DISC_WEIGHTS_NAME = "discriminator.safetensors"
 DISC_CONFIG_NAME = "discriminator_config.json"
 # What either layout may have left in DST; --overwrite removes only these, so a stale
@@ -235,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--subfolder", help="model folder inside SRC, e.g. vae3d, vae3d_v1-1, vae3d_sd3")
     b = sub.add_parser("to-pytorch", help="config.json + params/, or a train.py checkpoint -> "
                                           "official layout (safetensors)")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    b.add_argument("--dtype", type=dtypes.arg(dtypes.STORAGE), default="float32",
                    help="dtype of the written tensors (default: float32)")
     b.add_argument("--params", choices=("ema", "raw"),
                    help="train.py checkpoints: the EMA or the raw autoencoder parameters "
@@ -271,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-orbax":
             config, arrays = to_orbax(args.src, args.dst, subfolder=args.subfolder)
         elif step is None:
-            config, arrays = to_pytorch(args.src, args.dst, dtype=DTYPES[args.dtype])
+            config, arrays = to_pytorch(args.src, args.dst, dtype=dtypes.resolve(args.dtype, dtypes.STORAGE))
         else:
             config, arrays, disc, origin = checkpoint_to_pytorch(
-                step, args.dst, dtype=DTYPES[args.dtype], params=args.params,
+                step, args.dst, dtype=dtypes.resolve(args.dtype, dtypes.STORAGE), params=args.params,
                 model_config=args.model_config)
             extra = [f"from the {origin}",
                      f"discriminator: {summary(disc)} -> {args.dst / DISC_WEIGHTS_NAME}"]

@@ -33,7 +33,7 @@ from flax import nnx, serialization
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from . import cli, sharding
+from . import cli, dtypes, sharding
 from .data import REASONS, SampleSpec, SourceConfig, build_source_from_config, parse_source
 from .data.transforms import EvalSample
 from .pretrained import resolve_dir
@@ -42,8 +42,6 @@ from .vae import CVVAE
 FORMAT = "cvvae-latents/1"
 METADATA_NAME = "metadata.json"
 PREFIX = "latents"
-LATENT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # One record per chunk, so that a reader (Grain) can fetch any record alone.
 WRITER_OPTIONS = "group_size:1"
 
@@ -379,9 +377,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=1, help="frame stride (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="clips per local device per call")
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
-    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+    p.add_argument("--dtype", type=dtypes.arg(), default="float32",
                    help="encoder compute dtype")
-    p.add_argument("--latent-dtype", choices=sorted(LATENT_DTYPES), default="float32",
+    p.add_argument("--latent-dtype", type=dtypes.arg(dtypes.STORAGE), default="float32",
                    help="dtype of the stored latents")
     p.add_argument("--store-std", action="store_true", help="also store the scaled posterior std")
     p.add_argument("--scaling-factor", type=float,
@@ -428,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             sharding.initialize_distributed()
         source_config = source_config_from_args(args)
         weights = resolve_dir(args.weights, args.subfolder)
-        vae = CVVAE.from_pretrained(weights, dtype=COMPUTE_DTYPES[args.dtype])
+        vae = CVVAE.from_pretrained(weights, dtype=dtypes.resolve(args.dtype))
         result = encode_dataset(
             vae, source_config, args.out, shard_size=args.shard_size,
             scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
-            latent_dtype=LATENT_DTYPES[args.latent_dtype], store_std=args.store_std,
+            latent_dtype=dtypes.resolve(args.latent_dtype, dtypes.STORAGE), store_std=args.store_std,
             process_index=args.process_index, process_count=args.process_count,
             read_threads=args.read_threads, weights=str(weights.resolve()))
         r = result

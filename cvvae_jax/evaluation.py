@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from . import data, losses, metrics
+from . import data, dtypes, losses, metrics
 from .data import bad_data
 from .data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .eval_report import markdown_table, write_example
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 VIDEOS, IMAGES = "videos", "images"
 ROWS = ("cvvae", "compat", "image_vae")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Reasons a file gives no sample. Not among them: repairs (padding, grayscale, alpha),
 # and short clips dropped because config.short_clip asks for it.
 UNUSABLE = (bad_data.EMPTY_FILE, bad_data.UNREADABLE, bad_data.DECODE_ERROR)
@@ -83,8 +82,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.size % 8 or config.size < MIN_SIZE:
         raise EvalError(f"config.size={config.size}: crops must be a multiple of 8 and at "
                         f"least {MIN_SIZE} px")
-    if config.dtype not in DTYPES:
-        raise EvalError(f"config.dtype={config.dtype!r}; expected one of {tuple(DTYPES)}")
+    try:
+        dtypes.canonical(config.dtype, what="config.dtype")
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def model_dir(path: str, subfolder: str, ema: bool) -> Path:
@@ -130,7 +131,7 @@ class Models:
     """The CV-VAE, the frozen image VAE and the optional LPIPS, with the jitted scorer."""
 
     def __init__(self, config):
-        dtype = DTYPES[config.dtype]
+        dtype = dtypes.resolve(config.dtype, what="config.dtype")
         self.vae_dir = model_dir(config.checkpoint, config.subfolder, config.ema)
         self.vae = CVVAE.from_pretrained(self.vae_dir, dtype=dtype)
         self.image_vae = ImageVAE.from_pretrained(config.image_vae.path,

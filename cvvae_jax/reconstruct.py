@@ -3,7 +3,7 @@
     python -m cvvae_jax.reconstruct IN.mp4 --weights DIR [--subfolder vae3d] [--out OUT.mp4]
         [--size HxW] [--fit crop|resize] [--frames pad|trim] [--max-frames N]
         [--side-by-side] [--latents OUT.safetensors] [--encode-only]
-        [--chunk-frames N|none] [--tile PX|none] [--dtype fp32|bf16]
+        [--chunk-frames N|none] [--tile PX|none] [--dtype float32|bfloat16]
     python -m cvvae_jax.reconstruct LATENTS.safetensors --decode-only --weights DIR --out OUT.mp4
 
 Any video works: its frame count is padded (the last frame repeated) or trimmed
@@ -29,13 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, media, metrics
+from . import cli, dtypes, media, metrics
 from .model_config import CVVAEConfig, CVVAESD3Config, load_config
 from .pretrained import resolve_dir
 from .vae import CVVAE
 from .weights import CONFIG_NAME
 
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 LATENTS_FORMAT = "cvvae-jax latents"
 LATENTS_VERSION = "1"
 LATENTS_KEY = "latents"
@@ -132,7 +131,7 @@ def _override(text: str | int | None, flag: str) -> int | None:
     return int(text)
 
 
-def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = "fp32",
+def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = "float32",
              chunk_frames: str | int | None = FROM_CONFIG,
              tile: str | int | None = FROM_CONFIG) -> CVVAE:
     """The model, with config.json's chunking and tiling or the given ones.
@@ -140,9 +139,7 @@ def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = 
     `chunk_frames` and `tile` replace config.json's `en_de_n_frames_a_time` and
     `tile_spatial_size` (None turns them off).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    vae = CVVAE.from_pretrained(weights, subfolder, dtype=DTYPES[dtype])
+    vae = CVVAE.from_pretrained(weights, subfolder, dtype=dtypes.resolve(dtype, what="--dtype"))
     cfg = vae.config
     if chunk_frames != FROM_CONFIG:
         chunk_frames = _override(chunk_frames, "--chunk-frames")
@@ -259,7 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "en_de_n_frames_a_time); lower it to save memory")
     p.add_argument("--tile", default=FROM_CONFIG, metavar="PX|none",
                    help="spatial tile size in pixels (default: config.json's tile_spatial_size)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
+    p.add_argument("--dtype", type=dtypes.arg(), default="float32",
+                   help="compute dtype: float32 or bfloat16 (fp32, bf16 also accepted)")
     return p.parse_args(argv)
 
 

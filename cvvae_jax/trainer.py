@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import data, losses, media, sharding
+from . import data, dtypes, losses, media, metrics, sharding
 from .discriminator import NLayerDiscriminator3D
 from .image_vae import ImageVAE
 from .lpips import load_lpips
@@ -48,7 +48,6 @@ from .vae import CVVAE
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIGS = {"cvvae": CVVAEConfig, "cvvae_sd3": CVVAESD3Config, "image_vae": ImageVAEConfig}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -131,11 +130,6 @@ def initial_autoencoder(config, image_vae: ImageVAE | None, dtype):
     return cls.from_config(_model_config(config), dtype=dtype, seed=config.seed), "scratch"
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]
-
-
 class Evaluator:
     """Reconstruction PSNR and, for a CV-VAE with an image VAE, the compatibility PSNR:
     the image VAE's decoder on the CV-VAE latents against the mapped ("slice") frames."""
@@ -159,12 +153,12 @@ class Evaluator:
     def __call__(self, vae_state, frozen) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         recon, view = self._run(vae_state, frozen, self.clips)
         recon = np.asarray(multihost_utils.process_allgather(recon, tiled=True))
-        out = {"eval/psnr": _psnr(recon, self.clips)}
+        out = {"eval/psnr": metrics.pooled_psnr(recon, self.clips)}
         media_out = {"input": self.clips, "recon": recon}
         if view is not None:
             view = np.asarray(multihost_utils.process_allgather(view, tiled=True))
             mapped = np.asarray(losses.map_frames(self.clips, "slice", factor=self.time_factor))
-            out["eval/compat_psnr"] = _psnr(view, mapped)
+            out["eval/compat_psnr"] = metrics.pooled_psnr(view, mapped)
             media_out["image_vae_view"] = view
         return out, media_out
 
@@ -205,7 +199,7 @@ class Trainer:
         self.config, self.workdir = config, Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = sharding.make_mesh(dict(config.mesh))
-        dtype = DTYPES[config.model.dtype]
+        dtype = dtypes.resolve(config.model.dtype, what="config.model.dtype")
         image_vae = load_image_vae(config, dtype)
         disc = NLayerDiscriminator3D(**dict(config.disc), dtype=dtype, rngs=nnx.Rngs(config.seed))
         lpips = load_lpips(config.loss.lpips_vgg_path or None, dtype=dtype)
@@ -258,7 +252,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
 
     def fresh_state(self) -> tuple[TrainState, str]:
-        dtype = DTYPES[self.config.model.dtype]
+        dtype = dtypes.resolve(self.config.model.dtype, what="config.model.dtype")
         vae, origin = initial_autoencoder(self.config, self._image_vae, dtype)
         _, vae_state = nnx.split(vae)
         state = jax.jit(self._init, out_shardings=self.shardings)(vae_state, self._disc_state)

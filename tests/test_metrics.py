@@ -72,6 +72,14 @@ def test_psnr_is_the_numpy_formula_on_the_unit_range(references):
     assert abs(got - want) < PSNR_TOL_DB
 
 
+def test_pooled_psnr_pools_the_error_of_every_frame(references):
+    ref = media.to_float(np.stack([references[0], references[1]]))
+    deg = ref.copy()
+    deg[1] += 0.1  # one frame off by 0.1, one exact: MSE 0.005 on the [-1, 1] range
+    assert metrics.pooled_psnr(deg, ref) == pytest.approx(10 * np.log10(4 / 0.005), abs=1e-6)
+    assert metrics.pooled_psnr(ref, ref) == np.inf
+
+
 def test_leading_axes_give_one_score_per_image(references):
     clip = np.stack([references[0], references[1]])  # (T, H, W, 3)
     ref = media.to_float(np.stack([clip, clip[::-1]]))  # (B=2, T=2, H, W, 3)

@@ -49,7 +49,7 @@ def test_odd_clip_is_padded_and_cropped_and_says_so(runs):
            "the output is trimmed back to 7" in out
     assert "size:    144x256 -> 40x64 (H x W; --size 42x70 rounded down to multiples of 8; " \
            "scaled to cover it, then centre-cropped)" in out
-    assert "model:   CVVAEModel, fp32, chunks of 4 frames, tiling off" in out
+    assert "model:   CVVAEModel, float32, chunks of 4 frames, tiling off" in out
     assert "latents: (1, 3, 5, 8, 4) (B, T, H/8, W/8, C)" in out
     frames, fps = media.read_video(d / "full.mp4")
     assert frames.shape == (7, 40, 64, 3)
