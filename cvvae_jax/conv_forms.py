@@ -103,8 +103,7 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
 
     With `up_time=n` the conv's n*C outputs are n frames of C channels (torch
     `rearrange(x, "b (n c) t h w -> b c (t n) h w")`) and the first output frame
-    is dropped: 1 + k frames become 1 + n*k. Interleaving space and time phases in one expression lets XLA
-    write the full-resolution result once, not once per interleave.
+    is dropped: 1 + k frames become 1 + n*k.
     """
     check_nearest2x(conv)
     k = conv.kernel[...]  # (..., 3, 3, I, O)
@@ -123,7 +122,7 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     # Each phase lands on its strided positions by interior padding, and the padded
     # phases are summed (exact: every output element gets one phase's value plus
     # zeros). XLA fuses pads and adds into one loop, so the full-resolution result
-    # is written once; stacking and transposing the phases wrote it two or three times.
+    # is written once; stacking, transposing and slicing the phases wrote it up to three times.
     # Negative low time padding drops frame 0's first phase, the dropped first frame.
     zero = jnp.zeros((), y.dtype)
     out = None
