@@ -12,6 +12,17 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# XLA:CPU options for a test's own jit of a large graph that runs once or twice: they
+# cut compile time 2-4x, and the compiled code runs ~30% slower (numbers unchanged).
+# Tests that run many steps keep the defaults.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
+
+
+def xla_flags(options: dict) -> str:
+    """The same options as an XLA_FLAGS string, for subprocesses."""
+    return " ".join(f"--{k}={str(v).lower()}" for k, v in options.items())
+
 
 def channels_last(a: np.ndarray) -> np.ndarray:
     """The fixtures are channels-first (B, C, ...) like the official code."""

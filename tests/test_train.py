@@ -26,12 +26,11 @@ import portpicker
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import FAST_COMPILE, xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "tests/train_config.py"
 WORKER = "tests/train_worker.py"
-# Compile time is most of a run; these cut it 4x (the step then runs ~30% slower).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
 TIMEOUT_S = 300  # per run; one takes 10-60 s on 2 busy cores
 SHARDED = ["--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.fsdp_min_size=4096",
            "--config.data.sources[0].batch_size=1"]  # 8 devices x 1 clip = the reference's 8
@@ -49,7 +48,8 @@ class Run:
                  devices: int = 1, extra_env: dict | None = None, timeout: float = TIMEOUT_S):
         self.name, self.workdir = name, workdir
         env = dict(env, **(extra_env or {}))
-        env["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = (f"{xla_flags(FAST_COMPILE)} "
+                            f"--xla_force_host_platform_device_count={devices}")
         self._out = open(workdir.parent / f"{name}.out", "w+")  # noqa: SIM115
         self._err = open(workdir.parent / f"{name}.err", "w+")  # noqa: SIM115
         cmd = [sys.executable, WORKER if worker else "train.py", f"--config={CONFIG}",

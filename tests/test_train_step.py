@@ -10,6 +10,7 @@ from cvvae_jax import sharding, train_step
 from cvvae_jax.discriminator import NLayerDiscriminator3D
 from cvvae_jax.model_config import ImageVAEConfig
 from cvvae_jax.objective import Objective
+from conftest import FAST_COMPILE
 
 IMAGE_VAE = ImageVAEConfig(block_out_channels=(32, 32), layers_per_block=1,
                            down_block_types=("DownEncoderBlock2D",) * 2,
@@ -29,7 +30,7 @@ def test_a_non_finite_batch_changes_nothing_and_is_counted():
         objective=Objective(perceptual_weight=0.0, regularizer="none"),
         graphdefs=train_step.GraphDefs(vdef, ddef, None, None), g_tx=g_tx, d_tx=d_tx,
         g_schedule=g_sched, ema_decay=0.5, remat=True,
-        remat_policy=sharding.remat_policy("full")))
+        remat_policy=sharding.remat_policy("full")), compiler_options=FAST_COMPILE)
     frozen, key = {"image_vae": None, "lpips": None}, jax.random.key(0)
     x = jax.random.uniform(jax.random.key(1), (2, 1, 16, 16, 3), minval=-1, maxval=1)
     before = jax.tree.map(np.asarray, state)
