@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # XLA:CPU options for a test's own jit of a large graph that runs once or twice: they
-# cut compile time 2-4x, and the compiled code runs ~30% slower (numbers unchanged).
-# Tests that run many steps keep the defaults.
+# cut compile time 2-4x and make the compiled code up to ~2x slower, with the same
+# numbers. Tests that run many steps keep the defaults.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                 "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
 
