@@ -17,6 +17,7 @@ blocks).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -66,6 +67,7 @@ def run_ours(args) -> list[dict]:
     import jax.numpy as jnp
     from flax import nnx
 
+    from cvvae_jax import conv_forms
     from cvvae_jax.model_config import CVVAEConfig
     from cvvae_jax.vae import CVVAE
 
@@ -73,11 +75,21 @@ def run_ours(args) -> list[dict]:
     vae = CVVAE.from_config(cfg, dtype=jnp.float32, seed=0)
     net = vae.encoder if args.direction == "encode" else vae.decoder
     x = jax.random.normal(jax.random.key(0), input_shape(args.direction, args.shape))
-    call = nnx.jit(lambda m, x: m(x))
-    out = nnx.jit(lambda norm, conv, x: conv(jax.nn.silu(norm(x))))
+    # With the options every jit of the package passes (conv_forms.compiler_options).
+    jit = functools.partial(jax.jit, compiler_options=conv_forms.compiler_options())
+
+    def call(graphdef, state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    def out(graphdef, state, x):
+        norm, conv = nnx.merge(graphdef, state)
+        return conv(jax.nn.silu(norm(x)))
+
     rows = []
     for name, block in walk(net, args.direction, official=False):
-        fn = (lambda x, b=block: out(*b, x)) if name == "out" else (lambda x, b=block: call(b, x))
+        graphdef, state = nnx.split(block)
+        f = jit(functools.partial(out if name == "out" else call, graphdef))
+        fn = functools.partial(f, state)
         y = jax.block_until_ready(fn(x))
         rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs)})
         x = y

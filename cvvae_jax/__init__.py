@@ -1,5 +1,6 @@
 """cvvae-jax: CV-VAE, the compatible video VAE, in JAX/Flax (channels-last)."""
 
+from .conv_forms import compiler_options
 from .image_vae import ImageVAE
 from .model_config import CVVAEConfig, CVVAESD3Config, ImageVAEConfig, load_config
 from .posterior import DiagonalGaussian
@@ -12,5 +13,6 @@ __all__ = [
     "DiagonalGaussian",
     "ImageVAE",
     "ImageVAEConfig",
+    "compiler_options",
     "load_config",
 ]

@@ -14,11 +14,16 @@ what calling it on the stated input returns, up to float rounding:
   taps become one matmul, then a sum of shifted slices (few outputs) or the
   shifted slices are stacked first (few inputs).
 - `time_split_conv(conv, x)` runs a 3D conv as one 2D conv per time tap, summed.
-  XLA:CPU's 2D convolution runs 3D convs with at most TIME_SPLIT_MAX_OUT outputs
-  1.2-1.35x faster this way; wider outputs gain nothing or lose (measured on the
-  full-size model's shapes). Other backends have fast 3D convolutions, so `Conv`
-  uses it on CPU only, and only while its extra memory (two more conv outputs)
-  stays under TIME_SPLIT_MAX_EXTRA_BYTES.
+  XLA:CPU's 2D convolution runs them 1.2-2.3x faster than its 3D one (more for narrow
+  convs; benchmarks/conv_forms.py on the full-size model's widths). Other backends have fast 3D
+  convolutions, so `Conv` uses it on CPU only, and only while its extra memory (two
+  more conv outputs) stays under TIME_SPLIT_MAX_EXTRA_BYTES. The 3D phase convs of
+  `nearest2x_conv` (the time-doubling upsamplers) are split the same way.
+
+`compiler_options()` goes with these forms: jaxlib 0.10's XLA:CPU hands 2D
+convolutions to YNNPACK, whose f32 convolution ran the model's 3x3 convs at 81-122
+GFLOP/s on an AVX2 CPU where XLA's own (Eigen) convolution reached 133-143. Every jit
+of this package passes it; pass it to your own `jax.jit` around the models on CPU.
 """
 
 from __future__ import annotations
@@ -43,11 +48,16 @@ EDGE = "edge"
 
 # At most this many channels on either side and `matmul_conv` beats XLA:CPU's convolution.
 FEW_CHANNELS = 8
-# At most this many output channels and `time_split_conv` beats XLA:CPU's 3D convolution.
-TIME_SPLIT_MAX_OUT = 128
 # The time split keeps two more conv outputs alive than the 3D conv does. Like a cuDNN
 # workspace limit, this caps that extra memory: above it, big tiles take the 3D conv.
 TIME_SPLIT_MAX_EXTRA_BYTES = 2**31
+# XLA:CPU options: YNNPACK keeps the dots (its default), convolutions go back to XLA.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options() -> dict[str, str] | None:
+    """The `jax.jit(..., compiler_options=...)` for this package's models on the default backend."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def pad_input(x: jax.Array, pads, modes=(ZEROS, EDGE)) -> jax.Array:
@@ -70,9 +80,16 @@ def unit_strides(conv: "Conv") -> bool:
     return conv.strides in (1, None) or set(conv.strides) == {1}
 
 
-def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-    """A stride-1 conv of channels-last x (any leading batch axes) in the Conv's dtype, no bias."""
+def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding, split_time: bool = False) -> jax.Array:
+    """A stride-1 conv of channels-last x (any leading batch axes) in the Conv's dtype, no bias.
+
+    With `split_time` a 3D conv runs as one 2D conv per time tap on shifted frames, summed."""
     n = kernel.ndim - 2
+    if split_time:
+        (lo, hi), space = padding[0], padding[1:]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [(lo, hi)] + [(0, 0)] * 3)
+        t = x.shape[-4] - kernel.shape[0] + 1
+        return sum(_conv(conv, x[..., d:d + t, :, :, :], kernel[d], space) for d in range(kernel.shape[0]))
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
     y = lax.conv_general_dilated(
@@ -113,7 +130,7 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     *taps, cin, _, _, cout = k.shape
     # Padding x by one (zeros or edge) is padding the upsampled image by one.
     y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k.reshape(*taps, cin, 4 * cout),
-              zero_pads(conv.pads))
+              zero_pads(conv.pads), split_time=use_time_split(conv, x, 4 * cout))
     y = _add_bias(conv, y, 4)
     *lead, hp, wp, _ = y.shape
     h, w = hp - 1, wp - 1
@@ -169,20 +186,16 @@ def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
 
 def time_split_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 3D conv, as a sum over its time taps of 2D convs on shifted frames."""
-    k = conv.kernel[...]  # (kt, kh, kw, I, O)
-    # Time is padded here (the taps slice it); zero space pads are left to the 2D convs.
-    xp = pad_input(x, conv.pads[:1] + tuple(p if p[2] == EDGE else (0, 0, ZEROS) for p in conv.pads[1:]))
-    t = xp.shape[-4] - k.shape[0] + 1
-    space = zero_pads(conv.pads[1:])
-    acc = sum(_conv(conv, xp[..., d:d + t, :, :, :], k[d], space) for d in range(k.shape[0]))
-    return _add_bias(conv, acc)
+    y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], zero_pads(conv.pads), split_time=True)
+    return _add_bias(conv, y)
 
 
-def use_time_split(conv: "Conv", x: jax.Array) -> bool:
-    """Whether `Conv` should run as `time_split_conv` (CPU, narrow output, workspace under the cap)."""
+def use_time_split(conv: "Conv", x: jax.Array, out_features: int | None = None) -> bool:
+    """Whether a stride-1 3D conv of x with `out_features` outputs (the conv's by default) should
+    run as 2D convs per time tap: on CPU, with the workspace under the cap."""
     if len(conv.kernel_size) != 3 or conv.kernel_size[0] == 1 or not unit_strides(conv):
         return False
-    if conv.out_features > TIME_SPLIT_MAX_OUT or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return False
-    out_elems = math.prod(x.shape[:-1]) * conv.out_features  # same-size output, pads included
+    out_elems = math.prod(x.shape[:-1]) * (out_features or conv.out_features)  # same-size output
     return 2 * out_elems * jnp.dtype(conv.dtype).itemsize <= TIME_SPLIT_MAX_EXTRA_BYTES

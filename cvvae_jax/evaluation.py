@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from . import data, dtypes, losses, metrics
+from . import conv_forms, data, dtypes, losses, metrics
 from .data import bad_data
 from .data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .eval_report import markdown_table, write_example
@@ -173,7 +173,7 @@ class Scorer:
                 out["image_vae"] = score(state, x, baseline)
             return out
 
-        self._scores = jax.jit(scores)
+        self._scores = jax.jit(scores, compiler_options=conv_forms.compiler_options())
 
     def __call__(self, x, recon, view, baseline, key) -> dict[str, dict[str, np.ndarray]]:
         """x, recon, baseline (B, T, H, W, 3) (baseline may be None), view (B, 1 + k, H, W, 3)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint, weights
+from . import checkpoint, conv_forms, weights
 from .model_config import load_config
 
 
@@ -47,7 +47,7 @@ def jitted_part(graphdef: nnx.GraphDef, method: str):
     def run(state, x):
         return getattr(nnx.merge(graphdef, state), method)(x)
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=conv_forms.compiler_options())
 
 
 class Pretrained(nnx.Module):

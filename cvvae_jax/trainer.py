@@ -18,6 +18,7 @@ and videos), export/ and export_ema/ (official-layout model directories).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -32,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import data, dtypes, losses, media, metrics, sharding
+from . import conv_forms, data, dtypes, losses, media, metrics, sharding
 from .discriminator import NLayerDiscriminator3D
 from .image_vae import ImageVAE
 from .lpips import load_lpips
@@ -138,7 +139,7 @@ class Evaluator:
         self.clips, self.time_factor = clips, time_factor
         gd = graphdefs
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=conv_forms.compiler_options())
         def run(vae_state, frozen, x):
             vae = nnx.merge(gd.vae, vae_state)
             z = DiagonalGaussian.from_moments(vae.encode_moments(x)).mode()
@@ -245,7 +246,8 @@ class Trainer:
             step_fn,
             in_shardings=(self.shardings, frozen_shardings,
                           sharding.batch_sharding(self.mesh, 5), replicated),
-            out_shardings=(self.shardings, replicated), donate_argnums=(0,))
+            out_shardings=(self.shardings, replicated), donate_argnums=(0,),
+            compiler_options=conv_forms.compiler_options())
         self._compiled: dict[tuple, Any] = {}
         self.key = jax.random.key(config.seed)
 

@@ -7,7 +7,10 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from cvvae_jax import conv_forms, layers
+from conftest import FIXTURES
+
+from cvvae_jax import CVVAE, conv_forms, layers
+from cvvae_jax.pretrained import jitted_part
 from cvvae_jax.conv_kits import ImageKit, SD3Kit, V1Kit
 
 
@@ -101,14 +104,49 @@ def test_time_split_conv_equals_the_3d_conv(pads):
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
 
 
-def test_time_split_is_chosen_for_narrow_3d_convs_within_the_workspace_cap():
+def test_time_split_is_chosen_for_3d_convs_within_the_workspace_cap():
     rngs = nnx.Rngs(0)
     narrow = layers.Conv(16, 128, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
-    wide = layers.Conv(16, 256, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
+    wide = layers.Conv(16, 512, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
     two_d = layers.Conv(16, 128, (3, 3), layers.same_pads(2, 1, layers.ZEROS), rngs=rngs)
     small = jax.ShapeDtypeStruct((1, 17, 256, 256, 16), jnp.float32)  # 2 x 0.5 GiB of outputs
-    tile = jax.ShapeDtypeStruct((1, 9, 576, 576, 16), jnp.float32)    # 2 x 1.5 GiB: over the cap
+    tile = jax.ShapeDtypeStruct((1, 9, 576, 576, 16), jnp.float32)    # 2 x 1.4 GiB: over the cap
+    low = jax.ShapeDtypeStruct((1, 17, 64, 64, 16), jnp.float32)
     assert conv_forms.use_time_split(narrow, small)
     assert not conv_forms.use_time_split(narrow, tile)
-    assert not conv_forms.use_time_split(wide, small)
+    assert conv_forms.use_time_split(wide, low)  # 2 x 0.14 GiB
+    assert not conv_forms.use_time_split(wide, small)  # 2 x 2 GiB
     assert not conv_forms.use_time_split(two_d, small)
+    # The upsamplers' phase conv: 4 x 128 outputs at the input's resolution.
+    assert conv_forms.use_time_split(narrow, low, 4 * 128)
+    assert not conv_forms.use_time_split(narrow, small, 4 * 128)
+
+
+def library_convolutions(hlo: str) -> list[str]:
+    """The fused computations of compiled HLO text that hold a convolution and that a
+    library fusion (`__ynn_fusion`, `__xnn_fusion`, ...) runs instead of XLA."""
+    library = set()
+    for line in hlo.splitlines():
+        if '"kind":"__' in line and "calls=" in line:
+            library.add(line.split("calls=")[1].split(",")[0].strip("%"))
+    blocks = hlo.split("\n\n")
+    return [b.split()[0].strip("%") for b in blocks
+            if "convolution(" in b and b.split()[0].strip("%") in library]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+def test_the_package_jits_keep_convolutions_in_xla_on_cpu():
+    x = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    hlo = jax.jit(conv, compiler_options=conv_forms.compiler_options()).lower(x, k).compile().as_text()
+    assert "convolution(" in hlo and library_convolutions(hlo) == []
+    # The models' own jits (encode / decode pieces) pass the same options.
+    vae = CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny")
+    graphdef, state = nnx.split(vae)
+    clip = jax.ShapeDtypeStruct((1, 5, 16, 16, 3), jnp.float32)
+    hlo = jitted_part(graphdef, "encode_moments").lower(state, clip).compile().as_text()
+    assert "convolution(" in hlo and library_convolutions(hlo) == []

@@ -1,0 +1,77 @@
+"""One causal 3x3x3 conv of the model, in the forms `layers.Conv` can take, with and
+without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's choices.
+
+    python benchmarks/conv_forms.py [--shape 5x128x128x128 ...] [--runs 3] [--json PATH]
+
+`--shape TxHxWxC` is the conv's input (C channels in and out, as in the resnet blocks);
+the defaults are the decoder's widths at 17x256x256 with fewer frames. Forms: `3d` is
+XLA's 3D convolution, `time split` is `conv_forms.time_split_conv` (one 2D conv per
+time tap). Options: `default` compiles with XLA's defaults, `package` with
+`compiler_options()` (on CPU: convolutions kept out of YNNPACK). All forms run in one
+process, so run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import csv_list, fmt, machine, machine_line, table, time_runs, write_json
+
+DEFAULT_SHAPES = ["5x128x128x128", "5x64x64x256", "5x32x32x512"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", action="append", help="TxHxWxC (repeat); default: " + ", ".join(DEFAULT_SHAPES))
+    p.add_argument("--options", default="default,package", type=csv_list)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from cvvae_jax import compiler_options, conv_forms, layers
+
+    options = {"default": None, "package": compiler_options()}
+    forms = {
+        # What layers.Conv falls back to: XLA's 3D convolution, zero pads included.
+        "3d": lambda conv, x: nnx.Conv.__call__(conv, conv_forms.pad_input(x, conv.pads, (conv_forms.EDGE,))),
+        "time split": conv_forms.time_split_conv,
+    }
+    mach = machine()
+    print(machine_line(mach))
+    rows, results = [], []
+    for text in args.shape or DEFAULT_SHAPES:
+        t, h, w, c = (int(v) for v in text.lower().split("x"))
+        conv = layers.Conv(c, c, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(conv)
+        x = jax.random.normal(jax.random.key(0), (1, t, h, w, c))
+        flops = 2 * 27 * c * c * t * h * w
+        reference = None
+        for option in args.options:
+            for form, fn in forms.items():
+                f = jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x),
+                            compiler_options=options[option])
+                y = np.asarray(f(state, x))
+                reference = y if reference is None else reference
+                times = time_runs(lambda: f(state, x), warmup=args.warmup, runs=args.runs)
+                best = min(times)
+                results.append({"shape": text, "options": option, "form": form, "times_s": times,
+                                "gflop_s": flops / best / 1e9,
+                                "max_abs_diff": float(np.abs(y - reference).max())})
+                rows.append([text, option, form, fmt(best, ".3f"), fmt(flops / best / 1e9, ".1f"),
+                             fmt(results[-1]["max_abs_diff"], ".1e")])
+            print(f"{text} {option}: done", flush=True)
+    print(f"min of {args.runs} run(s) after {args.warmup} warm-up; GFLOP/s = 2 x 27 x C^2 x T x H x W / time")
+    print(table(["input TxHxWxC", "options", "form", "min s", "GFLOP/s", "max |diff| vs first"], rows))
+    write_json(args.json, {"machine": mach, "results": results})
+
+
+if __name__ == "__main__":
+    main()
