@@ -55,7 +55,7 @@ class Conv(nnx.Conv):
     the zeros (`conv_forms.pad_input` / `zero_pads`), so the numbers match. Leading
     axes beyond the convolved ones are batch axes, which is how a 2D conv runs frame
     by frame on a (B, T, H, W, C) video. RGB-sized convs run as matmuls
-    (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, narrow 3D convs
+    (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, 3D convs
     run as 2D convs per time tap (`conv_forms.time_split_conv`).
     """
 
