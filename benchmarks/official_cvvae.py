@@ -78,7 +78,7 @@ def run_case(args) -> None:
             fn = lambda: model.decode(z).sample  # noqa: E731
         times = time_runs(fn, warmup=args.warmup, runs=args.runs)
     emit({"direction": args.direction, "shape": list(args.shape), "first_s": first_s,
-          **summary(times), "frames_per_s": t / min(times), "peak_rss_mib": peak_rss_mib(),
+          **summary(times), "frames_per_s": t / min(times or [first_s]), "peak_rss_mib": peak_rss_mib(),
           "torch": torch.__version__, "threads": torch.get_num_threads()})
 
 
@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--weights", help="an official model directory (default: random init)")
     p.add_argument("--shape", type=parse_shape, default=(17, 256, 256), help="T x H x W")
     p.add_argument("--directions", default="encode,decode")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed calls after the first; 0 times the first call only (large shapes)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed calls after the first (which is reported on its own)")
     p.add_argument("--json")
