@@ -2,13 +2,17 @@
 without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's choices.
 
     python benchmarks/conv_forms.py [--shape 5x128x128x128 ...] [--runs 3] [--json PATH]
+    python benchmarks/conv_forms.py --shape 17x256x256x3x128 --options package  # conv_in
 
-`--shape TxHxWxC` is the conv's input (C channels in and out, as in the resnet blocks);
-the defaults are the decoder's widths at 17x256x256 with fewer frames. Forms: `3d` is
-XLA's 3D convolution, `time split` is `conv_forms.time_split_conv` (one 2D conv per
-time tap). Options: `default` compiles with XLA's defaults, `package` with
-`compiler_options()` (on CPU: convolutions kept out of YNNPACK). All forms run in one
-process, so run it on an otherwise idle machine.
+`--shape TxHxWxC[xO]` is the conv's input and its output channels (default O = C, as in
+the resnet blocks); the defaults are the decoder's widths at 17x256x256 with fewer
+frames. Forms: `3d` is XLA's 3D convolution, `time split` is
+`conv_forms.time_split_conv` (one 2D conv per time tap); with at most
+`conv_forms.FEW_CHANNELS` inputs also `time fold` (`conv_forms.time_fold_conv`, the
+taps stacked on channels) and `matmul` (`conv_forms.matmul_conv`). Options: `default`
+compiles with XLA's defaults, `package` with `compiler_options()` (on CPU: convolutions
+kept out of YNNPACK). All forms run in one process, so run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ DEFAULT_SHAPES = ["5x128x128x128", "5x64x64x256", "5x32x32x512"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", action="append", help="TxHxWxC (repeat); default: " + ", ".join(DEFAULT_SHAPES))
+    p.add_argument("--shape", action="append",
+                   help="TxHxWxC[xO] (repeat); default: " + ", ".join(DEFAULT_SHAPES))
     p.add_argument("--options", default="default,package", type=csv_list)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -44,18 +49,21 @@ def main(argv=None) -> None:
         "3d": lambda conv, x: nnx.Conv.__call__(conv, conv_forms.pad_input(x, conv.pads, (conv_forms.EDGE,))),
         "time split": conv_forms.time_split_conv,
     }
+    few_input_forms = {"time fold": conv_forms.time_fold_conv, "matmul": conv_forms.matmul_conv}
     mach = machine()
     print(machine_line(mach))
     rows, results = [], []
     for text in args.shape or DEFAULT_SHAPES:
-        t, h, w, c = (int(v) for v in text.lower().split("x"))
-        conv = layers.Conv(c, c, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=nnx.Rngs(0))
+        t, h, w, c, *out = (int(v) for v in text.lower().split("x"))
+        o = out[0] if out else c
+        conv = layers.Conv(c, o, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(conv)
         x = jax.random.normal(jax.random.key(0), (1, t, h, w, c))
-        flops = 2 * 27 * c * c * t * h * w
+        flops = 2 * 27 * c * o * t * h * w
         reference = None
+        shape_forms = forms | (few_input_forms if c <= conv_forms.FEW_CHANNELS else {})
         for option in args.options:
-            for form, fn in forms.items():
+            for form, fn in shape_forms.items():
                 f = jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x),
                             compiler_options=options[option])
                 y = np.asarray(f(state, x))
@@ -68,8 +76,9 @@ def main(argv=None) -> None:
                 rows.append([text, option, form, fmt(best, ".3f"), fmt(flops / best / 1e9, ".1f"),
                              fmt(results[-1]["max_abs_diff"], ".1e")])
             print(f"{text} {option}: done", flush=True)
-    print(f"min of {args.runs} run(s) after {args.warmup} warm-up; GFLOP/s = 2 x 27 x C^2 x T x H x W / time")
-    print(table(["input TxHxWxC", "options", "form", "min s", "GFLOP/s", "max |diff| vs first"], rows))
+    print(f"min of {args.runs} run(s) after {args.warmup} warm-up; "
+          "GFLOP/s = 2 x 27 x C x O x T x H x W / time")
+    print(table(["input TxHxWxC[xO]", "options", "form", "min s", "GFLOP/s", "max |diff| vs first"], rows))
     write_json(args.json, {"machine": mach, "results": results})
 
 

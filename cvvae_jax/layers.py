@@ -56,7 +56,8 @@ class Conv(nnx.Conv):
     axes beyond the convolved ones are batch axes, which is how a 2D conv runs frame
     by frame on a (B, T, H, W, C) video. RGB-sized convs run as matmuls
     (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, 3D convs
-    run as 2D convs per time tap (`conv_forms.time_split_conv`).
+    run as 2D convs per time tap (`conv_forms.time_split_conv`), or with an RGB-sized
+    input as one 2D conv of the taps stacked on channels (`conv_forms.time_fold_conv`).
     """
 
     def __init__(
@@ -91,6 +92,8 @@ class Conv(nnx.Conv):
                 raise ValueError(f"unknown padding mode {mode!r}")
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if conv_forms.use_time_fold(self):
+            return conv_forms.time_fold_conv(self, x)
         if (min(self.in_features, self.out_features) <= conv_forms.FEW_CHANNELS
                 and conv_forms.unit_strides(self)):
             return conv_forms.matmul_conv(self, x)

@@ -104,6 +104,28 @@ def test_time_split_conv_equals_the_3d_conv(pads):
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
+def test_time_fold_conv_equals_the_3d_conv(pads):
+    conv = randomise_bias(layers.Conv(3, 16, (3, 3, 3), pads, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 3))
+    np.testing.assert_allclose(conv_forms.time_fold_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fold is a CPU form")
+def test_time_fold_is_chosen_for_3d_convs_from_few_channels_on_cpu():
+    def conv(cin, cout, kernel, pads=None, strides=None):
+        pads = pads or layers.same_pads(len(kernel), 1, layers.ZEROS)
+        return layers.Conv(cin, cout, kernel, pads, strides=strides, rngs=nnx.Rngs(0))
+
+    assert conv_forms.use_time_fold(conv(3, 128, (3, 3, 3)))  # the encoder's conv_in
+    assert not conv_forms.use_time_fold(conv(3, 128, (3, 3)))  # 2D: matmul_conv
+    assert not conv_forms.use_time_fold(conv(128, 3, (3, 3, 3)))  # few outputs: matmul_conv
+    assert not conv_forms.use_time_fold(conv(3, 8, (3, 3, 3)))
+    assert not conv_forms.use_time_fold(conv(16, 128, (3, 3, 3)))  # the time split
+    assert not conv_forms.use_time_fold(conv(3, 128, (1, 3, 3), layers.same_pads(3, 0, layers.ZEROS)))
+    assert not conv_forms.use_time_fold(conv(3, 128, (3, 3, 3), strides=(1, 2, 2)))
+
+
 def test_time_split_is_chosen_for_3d_convs_within_the_workspace_cap():
     rngs = nnx.Rngs(0)
     narrow = layers.Conv(16, 128, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
