@@ -10,7 +10,8 @@ what calling it on the stated input returns, up to float rounding:
   The decoder's upsamplers carry ~40% of its FLOPs, which makes this the largest
   single saving in decode (benchmarks/README.md has the figures).
 - `matmul_conv(conv, x)` handles convs with few input or output channels (the RGB
-  `conv_in`/`conv_out`), which XLA:CPU's convolution runs at a few GFLOP/s: the
+  `conv_out`s, and the `conv_in`s but the 3D ones on CPU), which XLA:CPU's convolution
+  ran at a few GFLOP/s: the
   taps become one matmul, then a sum of shifted slices (few outputs) or the
   shifted slices are stacked first (few inputs).
 - `time_fold_conv(conv, x)` runs a 3D conv with RGB-sized input (the encoder's `conv_in`)
