@@ -95,10 +95,8 @@ def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding, split_time: bo
     With `split_time` a 3D conv runs as one 2D conv per time tap on shifted frames, summed."""
     n = kernel.ndim - 2
     if split_time:
-        (lo, hi), space = padding[0], padding[1:]
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [(lo, hi)] + [(0, 0)] * 3)
-        t = x.shape[-4] - kernel.shape[0] + 1
-        return sum(_conv(conv, x[..., d:d + t, :, :, :], kernel[d], space) for d in range(kernel.shape[0]))
+        frames = _time_taps(x, padding[0], kernel.shape[0])
+        return sum(_conv(conv, f, kernel[d], padding[1:]) for d, f in enumerate(frames))
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
     y = lax.conv_general_dilated(
@@ -107,6 +105,14 @@ def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding, split_time: bo
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         precision=conv.precision)
     return y.reshape(*batch, *y.shape[1:])
+
+
+def _time_taps(x: jax.Array, time_pad: tuple[int, int], taps: int) -> list[jax.Array]:
+    """The frames each time tap of a stride-1 3D conv reads: x zero-padded in time by
+    `time_pad`, shifted by 0 .. taps - 1."""
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [time_pad] + [(0, 0)] * 3)
+    t = x.shape[-4] - taps + 1
+    return [x[..., d:d + t, :, :, :] for d in range(taps)]
 
 
 def _add_bias(conv: "Conv", y: jax.Array, repeat: int = 1) -> jax.Array:
@@ -203,14 +209,11 @@ def time_fold_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 3D conv, as one 2D conv of the time taps' shifted frames stacked
     on the channel axis (time taps x input channels inputs)."""
     k = conv.kernel[...]  # (kt, kh, kw, I, O)
-    kt = k.shape[0]
-    (lo, hi), space = zero_pads(conv.pads)[0], zero_pads(conv.pads)[1:]
-    x = pad_input(x, conv.pads, (EDGE,))
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [(lo, hi)] + [(0, 0)] * 3)
-    t = x.shape[-4] - kt + 1
-    stacked = jnp.concatenate([x[..., d:d + t, :, :, :] for d in range(kt)], axis=-1)
-    kernel = jnp.moveaxis(k, 0, 2).reshape(*k.shape[1:3], kt * k.shape[3], k.shape[4])
-    return _add_bias(conv, _conv(conv, stacked, kernel, space))
+    kt, kh, kw, cin, cout = k.shape
+    padding = zero_pads(conv.pads)
+    stacked = jnp.concatenate(_time_taps(pad_input(x, conv.pads, (EDGE,)), padding[0], kt), axis=-1)
+    kernel = jnp.moveaxis(k, 0, 2).reshape(kh, kw, kt * cin, cout)
+    return _add_bias(conv, _conv(conv, stacked, kernel, padding[1:]))
 
 
 def use_time_fold(conv: "Conv") -> bool:
