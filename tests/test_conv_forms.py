@@ -191,5 +191,6 @@ def test_the_package_jits_leave_groupnorm_sums_to_the_library_on_cpu():
 
     without = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     assert xla_reductions(entry(without))  # the check sees XLA's reductions where they run
-    assert '"kind":"__ynn_fusion"' in entry(conv_forms.compiler_options())
-    assert xla_reductions(entry(conv_forms.compiler_options())) == []
+    package = entry(conv_forms.compiler_options())
+    assert '"kind":"__ynn_fusion"' in package
+    assert xla_reductions(package) == []
