@@ -25,8 +25,9 @@ spatial tiling of the config around one jitted network call per piece:
   the small eager ops around them (input checks, slicing, tile blending) compile here;
 - median / min: of --runs timed calls after --warmup untimed ones (--runs 0 --warmup 0:
   the first call is the only one, and frames/s and GFLOP/s come from it);
-- GFLOP: XLA's cost analysis of the network, summed over the pieces (tile blending
-  and chunk concatenation are not counted; they are a tiny part).
+- GFLOP: the network's convolutions and matmuls (`cvvae_jax.flops`: 2 x multiply-adds,
+  loops counted per trip, which XLA's cost analysis does not), summed over the pieces;
+  elementwise work, tile blending and chunk concatenation are not counted (a tiny part).
 Frames/s counts pixel frames (T per call) for both directions.
 """
 
@@ -47,6 +48,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cvvae_jax import metrics, tiling  # noqa: E402
+from cvvae_jax.flops import jaxpr_flops  # noqa: E402
 from cvvae_jax.model_config import CVVAEConfig, load_config  # noqa: E402
 from cvvae_jax.pretrained import jitted_part, resolve_dir  # noqa: E402
 from cvvae_jax.vae import CVVAE  # noqa: E402
@@ -208,12 +210,12 @@ def run_case(args) -> dict:
     flops_per_shape, compile_s = {}, 0.0
     for shape in Counter(pieces):
         start = time.perf_counter()
-        compiled = fn.lower(state, jax.ShapeDtypeStruct(shape, net_in.dtype)).compile()
+        piece = jax.ShapeDtypeStruct(shape, net_in.dtype)
+        traced = fn.trace(state, piece)
+        traced.lower().compile()
         compile_s += time.perf_counter() - start
-        flops_per_shape[shape] = common.compile_cost(compiled).get("flops")
-    flops = None
-    if all(f is not None for f in flops_per_shape.values()):
-        flops = sum(flops_per_shape[s] for s in pieces)
+        flops_per_shape[shape] = jaxpr_flops(traced.jaxpr)
+    flops = sum(flops_per_shape[s] for s in pieces)
 
     first_s, out = common.timed(call)
     times = common.time_runs(call, warmup=args.warmup, runs=args.runs)

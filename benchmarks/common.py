@@ -109,14 +109,6 @@ def summary(times: Sequence[float]) -> dict[str, float | None]:
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": list(times)}
 
 
-def compile_cost(compiled) -> dict[str, float]:
-    """XLA's cost analysis of a compiled computation (a dict, or a list of one per device)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
 def emit(result: dict[str, Any]) -> None:
     """A child's result, as the one line its parent reads."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -6,8 +6,8 @@ without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's 
 
 `--shape TxHxWxC[xO]` is the conv's input and its output channels (default O = C, as in
 the resnet blocks); the defaults are the decoder's widths at 17x256x256 with fewer
-frames. Forms: `3d` is XLA's 3D convolution, `time split` is
-`conv_forms.time_split_conv` (one 2D conv per time tap); with at most
+frames. Forms: `3d` is XLA's 3D convolution, `time loop` is
+`conv_forms.time_loop_conv` (a loop over output frames of 2D convs per time tap); with at most
 `conv_forms.FEW_CHANNELS` inputs also `time fold` (`conv_forms.time_fold_conv`, the
 taps stacked on channels) and `matmul` (`conv_forms.matmul_conv`). Options: `default`
 compiles with XLA's defaults, `package` with `compiler_options()` (on CPU: convolutions
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     forms = {
         # What layers.Conv falls back to: XLA's 3D convolution, zero pads included.
         "3d": lambda conv, x: nnx.Conv.__call__(conv, conv_forms.pad_input(x, conv.pads, (conv_forms.EDGE,))),
-        "time split": conv_forms.time_split_conv,
+        "time loop": conv_forms.time_loop_conv,
     }
     few_input_forms = {"time fold": conv_forms.time_fold_conv, "matmul": conv_forms.matmul_conv}
     mach = machine()

@@ -25,10 +25,11 @@ raised to the paper's 0.5); `off` leaves the path empty and the term out, as
 The batch is --batch-per-device clips per device (17 x --size x --size by default)
 of the bundled clip_a.mp4, the same every step. Per (dtype, remat) case, in a fresh
 process: compile = lowering + compiling the step (`Trainer.compiled_step`), first
-step, then the median and min of --runs steps after --warmup. FLOPs per step are XLA's
-cost analysis of the compiled step (generator and discriminator forward and backward,
-the image VAE, LPIPS, optimizers; with remat the recomputed forward is counted too, so
-the MFU becomes a hardware-FLOPs utilisation). MFU = FLOP/s / (peak x devices); the
+step, then the median and min of --runs steps after --warmup. FLOPs per step are the
+step's convolutions and matmuls (`cvvae_jax.flops`, as `Trainer.compiled_step` counts
+them: generator and discriminator forward and backward, the image VAE, LPIPS; with
+remat the recomputed forward is counted too, so the MFU becomes a hardware-FLOPs
+utilisation). MFU = FLOP/s / (peak x devices); the
 peak defaults to the device's dense bf16 tensor-core peak (989 TFLOP/s for H100 SXM
 and H200, 756 for H100 PCIe) whatever --dtype is, and is n/a on CPU unless given.
 """

@@ -16,14 +16,16 @@ what calling it on the stated input returns, up to float rounding:
   shifted slices are stacked first (few inputs).
 - `time_fold_conv(conv, x)` runs a 3D conv with RGB-sized input (the encoder's `conv_in`)
   as one 2D conv of the time-shifted frames stacked on channels, on CPU: 0.56 s against
-  1.22 s for `matmul_conv` and 1.05 s for the time split, at 17x256x256 with 128 outputs
-  (benchmarks/conv_forms.py).
-- `time_split_conv(conv, x)` runs a 3D conv as one 2D conv per time tap, summed.
-  XLA:CPU's 2D convolution runs them 1.2-2.3x faster than its 3D one (more for narrow
-  convs; benchmarks/conv_forms.py on the full-size model's widths). Other backends have fast 3D
-  convolutions, so `Conv` uses it on CPU only, and only while its extra memory (two
-  more conv outputs) stays under TIME_SPLIT_MAX_EXTRA_BYTES. The 3D phase convs of
-  `nearest2x_conv` (the time-doubling upsamplers) are split the same way.
+  1.22 s for `matmul_conv` and 1.05 s for 2D convs per time tap, at 17x256x256 with 128
+  outputs (benchmarks/conv_forms.py).
+- `time_loop_conv(conv, x)` runs a 3D conv as a loop over its output frames: per frame,
+  one 2D conv per time tap, summed and written into the output in place. XLA:CPU's 2D
+  convolution runs them 1.3-2x faster than its 3D one (benchmarks/conv_forms.py on the
+  full-size model's widths), and one frame at a time keeps one frame's tap outputs
+  alive, not three whole outputs. Other backends have fast 3D convolutions, so `Conv`
+  uses it on CPU only. Its backward pass is that of whole-clip 2D convs per time tap,
+  as the loop's own ran 20x slower. The 3D phase convs of `nearest2x_conv` (the
+  time-doubling upsamplers) loop the same way.
 
 `compiler_options()` goes with these forms: jaxlib 0.10's XLA:CPU hands 2D
 convolutions to YNNPACK, whose f32 convolution ran the model's 3x3 convs at 81-122
@@ -36,9 +38,9 @@ it to your own `jax.jit` around the models on CPU.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,6 @@ EDGE = "edge"
 
 # At most this many channels on either side and `matmul_conv` beats XLA:CPU's convolution.
 FEW_CHANNELS = 8
-# The time split keeps two more conv outputs alive than the 3D conv does. Like a cuDNN
-# workspace limit, this caps that extra memory: above it, big tiles take the 3D conv.
-TIME_SPLIT_MAX_EXTRA_BYTES = 2**31
 # XLA:CPU options: YNNPACK keeps the dots and reductions, convolutions go back to XLA.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
@@ -89,14 +88,10 @@ def unit_strides(conv: "Conv") -> bool:
     return conv.strides in (1, None) or set(conv.strides) == {1}
 
 
-def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding, split_time: bool = False) -> jax.Array:
-    """A stride-1 conv of channels-last x (any leading batch axes) in the Conv's dtype, no bias.
-
-    With `split_time` a 3D conv runs as one 2D conv per time tap on shifted frames, summed."""
+def _conv(conv, x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """A stride-1 conv of channels-last x (any leading batch axes) in the dtype and precision of
+    `conv` (a Conv or `_Numerics`), no bias."""
     n = kernel.ndim - 2
-    if split_time:
-        frames = _time_taps(x, padding[0], kernel.shape[0])
-        return sum(_conv(conv, f, kernel[d], padding[1:]) for d, f in enumerate(frames))
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
     y = lax.conv_general_dilated(
@@ -107,12 +102,74 @@ def _conv(conv: "Conv", x: jax.Array, kernel: jax.Array, padding, split_time: bo
     return y.reshape(*batch, *y.shape[1:])
 
 
-def _time_taps(x: jax.Array, time_pad: tuple[int, int], taps: int) -> list[jax.Array]:
-    """The frames each time tap of a stride-1 3D conv reads: x zero-padded in time by
-    `time_pad`, shifted by 0 .. taps - 1."""
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [time_pad] + [(0, 0)] * 3)
-    t = x.shape[-4] - taps + 1
-    return [x[..., d:d + t, :, :, :] for d in range(taps)]
+class _Numerics(NamedTuple):
+    """What `_conv` reads of a Conv, hashable: a static argument of `_time_loop`'s VJP."""
+    dtype: Any
+    precision: Any
+
+
+def _time_loop(conv: "Conv", x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+    """The stride-1 3D conv of unpadded x by `kernel` with the (lo, hi, mode) `pads`, no bias,
+    as a loop over output frames: per frame, one 2D conv per time tap, summed and written
+    into the output in place."""
+    return _time_loop_fn(x, kernel, tuple(pads), _Numerics(conv.dtype, conv.precision))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _time_loop_fn(x, kernel, pads, numerics):
+    # The time padding is read from x (a clamped frame index reads the edge frame, a
+    # masked one zeros) and the space padding is applied per frame, so no padded copy
+    # of x is made.
+    (lo, hi, mode), space = pads[0], pads[1:]
+    taps = kernel.shape[0]
+    axis = x.ndim - 4
+    length = x.shape[axis]
+
+    def padded_frame(i):
+        j = i - lo
+        # Clamped into x: the edge frame. (dynamic_slice would wrap a negative start around.)
+        f = lax.dynamic_slice_in_dim(x, jnp.clip(j, 0, length - 1), 1, axis)
+        if mode == ZEROS:
+            f = jnp.where((j >= 0) & (j < length), f, jnp.zeros((), f.dtype))
+        return pad_input(f, space, (EDGE,))
+
+    def taps_of(t):
+        return sum(_conv(numerics, padded_frame(t + d), kernel[d], zero_pads(space)) for d in range(taps))
+
+    def frame(t, out):
+        return lax.dynamic_update_slice_in_dim(out, taps_of(t), t, axis)
+
+    # The first frame, zero-padded to all of them, is the buffer the loop writes into: a
+    # zeros buffer would be one constant that XLA shares between the loops and copies
+    # for each, a whole output more.
+    first = taps_of(0)
+    frames = length + lo + hi - taps + 1
+    out = jnp.pad(first, [(0, 0)] * axis + [(0, frames - 1)] + [(0, 0)] * (first.ndim - axis - 1))
+    return lax.fori_loop(1, frames, frame, out)
+
+
+def _time_split(x, kernel, pads, numerics):
+    """The same conv as a sum over time taps of whole-clip 2D convs of shifted frames."""
+    x = pad_input(x, pads, (EDGE,))
+    (lo, hi), *space = zero_pads(pads)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [(lo, hi)] + [(0, 0)] * 3)
+    t = x.shape[-4] - kernel.shape[0] + 1
+    return sum(_conv(numerics, x[..., d:d + t, :, :, :], kernel[d], space) for d in range(kernel.shape[0]))
+
+
+def _time_loop_fwd(x, kernel, pads, numerics):
+    return _time_loop_fn(x, kernel, pads, numerics), (x, kernel)
+
+
+def _time_loop_bwd(pads, numerics, residuals, g):
+    # The gradients of the whole-clip form: jax.grad through the loop itself took 513 ms
+    # where the whole-clip form took 26 ms (a 32-channel conv of 9x32x32, forward and
+    # backward). The whole-clip forward is dead code here, which XLA removes.
+    _, vjp = jax.vjp(lambda x, k: _time_split(x, k, pads, numerics), *residuals)
+    return vjp(g)
+
+
+_time_loop_fn.defvjp(_time_loop_fwd, _time_loop_bwd)
 
 
 def _add_bias(conv: "Conv", y: jax.Array, repeat: int = 1) -> jax.Array:
@@ -144,8 +201,11 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     k = _phase_taps(k, n - 1)  # (..., 2, 2, I, 2, 2, O)
     *taps, cin, _, _, cout = k.shape
     # Padding x by one (zeros or edge) is padding the upsampled image by one.
-    y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k.reshape(*taps, cin, 4 * cout),
-              zero_pads(conv.pads), split_time=use_time_split(conv, x, 4 * cout))
+    k = k.reshape(*taps, cin, 4 * cout)
+    if use_time_loop(conv):
+        y = _time_loop(conv, x, k, conv.pads)
+    else:
+        y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k, zero_pads(conv.pads))
     y = _add_bias(conv, y, 4)
     *lead, hp, wp, _ = y.shape
     h, w = hp - 1, wp - 1
@@ -199,10 +259,9 @@ def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     return _add_bias(conv, acc)
 
 
-def time_split_conv(conv: "Conv", x: jax.Array) -> jax.Array:
-    """`conv(x)` for a stride-1 3D conv, as a sum over its time taps of 2D convs on shifted frames."""
-    y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], zero_pads(conv.pads), split_time=True)
-    return _add_bias(conv, y)
+def time_loop_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x)` for a stride-1 3D conv, as a loop over output frames of 2D convs per time tap."""
+    return _add_bias(conv, _time_loop(conv, x, conv.kernel[...], conv.pads))
 
 
 def time_fold_conv(conv: "Conv", x: jax.Array) -> jax.Array:
@@ -211,7 +270,9 @@ def time_fold_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     k = conv.kernel[...]  # (kt, kh, kw, I, O)
     kt, kh, kw, cin, cout = k.shape
     padding = zero_pads(conv.pads)
-    stacked = jnp.concatenate(_time_taps(pad_input(x, conv.pads, (EDGE,)), padding[0], kt), axis=-1)
+    x = jnp.pad(pad_input(x, conv.pads, (EDGE,)), [(0, 0)] * (x.ndim - 4) + [padding[0]] + [(0, 0)] * 3)
+    t = x.shape[-4] - kt + 1
+    stacked = jnp.concatenate([x[..., d:d + t, :, :, :] for d in range(kt)], axis=-1)
     kernel = jnp.moveaxis(k, 0, 2).reshape(kh, kw, kt * cin, cout)
     return _add_bias(conv, _conv(conv, stacked, kernel, padding[1:]))
 
@@ -219,17 +280,10 @@ def time_fold_conv(conv: "Conv", x: jax.Array) -> jax.Array:
 def use_time_fold(conv: "Conv") -> bool:
     """Whether a 3D conv should run as `time_fold_conv`: on CPU, stride 1, RGB-sized input
     and wide output (the encoder's `conv_in`), where it ran 2.2x faster than `matmul_conv`."""
+    return use_time_loop(conv) and conv.in_features <= FEW_CHANNELS < conv.out_features
+
+
+def use_time_loop(conv: "Conv") -> bool:
+    """Whether a 3D conv should run as `time_loop_conv`: stride 1, more than one time tap, on CPU."""
     return (len(conv.kernel_size) == 3 and conv.kernel_size[0] > 1 and unit_strides(conv)
-            and conv.in_features <= FEW_CHANNELS < conv.out_features
             and jax.default_backend() == "cpu")
-
-
-def use_time_split(conv: "Conv", x: jax.Array, out_features: int | None = None) -> bool:
-    """Whether a stride-1 3D conv of x with `out_features` outputs (the conv's by default) should
-    run as 2D convs per time tap: on CPU, with the workspace under the cap."""
-    if len(conv.kernel_size) != 3 or conv.kernel_size[0] == 1 or not unit_strides(conv):
-        return False
-    if jax.default_backend() != "cpu":
-        return False
-    out_elems = math.prod(x.shape[:-1]) * (out_features or conv.out_features)  # same-size output
-    return 2 * out_elems * jnp.dtype(conv.dtype).itemsize <= TIME_SPLIT_MAX_EXTRA_BYTES

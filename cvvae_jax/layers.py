@@ -55,9 +55,10 @@ class Conv(nnx.Conv):
     the zeros (`conv_forms.pad_input` / `zero_pads`), so the numbers match. Leading
     axes beyond the convolved ones are batch axes, which is how a 2D conv runs frame
     by frame on a (B, T, H, W, C) video. RGB-sized convs run as matmuls
-    (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, 3D convs
-    run as 2D convs per time tap (`conv_forms.time_split_conv`), or with an RGB-sized
-    input as one 2D conv of the taps stacked on channels (`conv_forms.time_fold_conv`).
+    (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, 3D convs run as a
+    loop over frames of 2D convs per time tap (`conv_forms.time_loop_conv`), or with an
+    RGB-sized input as one 2D conv of the taps stacked on channels
+    (`conv_forms.time_fold_conv`).
     """
 
     def __init__(
@@ -97,8 +98,8 @@ class Conv(nnx.Conv):
         if (min(self.in_features, self.out_features) <= conv_forms.FEW_CHANNELS
                 and conv_forms.unit_strides(self)):
             return conv_forms.matmul_conv(self, x)
-        if conv_forms.use_time_split(self, x):
-            return conv_forms.time_split_conv(self, x)
+        if conv_forms.use_time_loop(self):
+            return conv_forms.time_loop_conv(self, x)
         return super().__call__(conv_forms.pad_input(x, self.pads, (EDGE,)))
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from . import conv_forms, data, dtypes, losses, media, metrics, sharding
 from .discriminator import NLayerDiscriminator3D
+from .flops import jaxpr_flops
 from .image_vae import ImageVAE
 from .lpips import load_lpips
 from .metrics_log import MetricsLog
@@ -265,11 +266,9 @@ class Trainer:
         shape = x.shape
         if shape not in self._compiled:
             t = time.perf_counter()
-            lowered = self._step.lower(state, self.frozen, x, self.key)
-            compiled = lowered.compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops = float((cost or {}).get("flops", 0.0))
+            traced = self._step.trace(state, self.frozen, x, self.key)
+            compiled = traced.lower().compile()
+            flops = float(jaxpr_flops(traced.jaxpr))
             logger.info("compiled the step for batch %s in %.1f s (%.3g FLOP/step)", shape,
                         time.perf_counter() - t, flops)
             self._compiled[shape] = (compiled, flops)

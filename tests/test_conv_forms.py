@@ -96,12 +96,22 @@ def test_few_channel_convs_run_as_matmuls_with_the_same_numbers(cin, cout, kerne
     np.testing.assert_allclose(conv_forms.matmul_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
-def test_time_split_conv_equals_the_3d_conv(pads):
+@pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE),
+                                  layers.same_pads(3, 1, layers.ZEROS)], ids=["causal", "edge", "zeros"])
+def test_time_loop_conv_equals_the_3d_conv(pads):
     conv = randomise_bias(layers.Conv(12, 16, (3, 3, 3), pads, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 12))
-    np.testing.assert_allclose(conv_forms.time_split_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv_forms.time_loop_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    # Its custom VJP: gradients for the input and the parameters.
+    graph, state = nnx.split(conv)
+    w = jax.random.normal(jax.random.key(2), literal(conv, x).shape)
+
+    def loss(form):
+        return jax.grad(lambda s, x: (form(nnx.merge(graph, s), x) * w).sum(), argnums=(0, 1))(state, x)
+
+    for got, want in zip(jax.tree.leaves(loss(conv_forms.time_loop_conv)), jax.tree.leaves(loss(literal))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
@@ -121,27 +131,31 @@ def test_time_fold_is_chosen_for_3d_convs_from_few_channels_on_cpu():
     assert not conv_forms.use_time_fold(conv(3, 128, (3, 3)))  # 2D: matmul_conv
     assert not conv_forms.use_time_fold(conv(128, 3, (3, 3, 3)))  # few outputs: matmul_conv
     assert not conv_forms.use_time_fold(conv(3, 8, (3, 3, 3)))
-    assert not conv_forms.use_time_fold(conv(16, 128, (3, 3, 3)))  # the time split
+    assert not conv_forms.use_time_fold(conv(16, 128, (3, 3, 3)))  # the time loop
     assert not conv_forms.use_time_fold(conv(3, 128, (1, 3, 3), layers.same_pads(3, 0, layers.ZEROS)))
     assert not conv_forms.use_time_fold(conv(3, 128, (3, 3, 3), strides=(1, 2, 2)))
 
 
-def test_time_split_is_chosen_for_3d_convs_within_the_workspace_cap():
-    rngs = nnx.Rngs(0)
-    narrow = layers.Conv(16, 128, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
-    wide = layers.Conv(16, 512, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=rngs)
-    two_d = layers.Conv(16, 128, (3, 3), layers.same_pads(2, 1, layers.ZEROS), rngs=rngs)
-    small = jax.ShapeDtypeStruct((1, 17, 256, 256, 16), jnp.float32)  # 2 x 0.5 GiB of outputs
-    tile = jax.ShapeDtypeStruct((1, 9, 576, 576, 16), jnp.float32)    # 2 x 1.4 GiB: over the cap
-    low = jax.ShapeDtypeStruct((1, 17, 64, 64, 16), jnp.float32)
-    assert conv_forms.use_time_split(narrow, small)
-    assert not conv_forms.use_time_split(narrow, tile)
-    assert conv_forms.use_time_split(wide, low)  # 2 x 0.13 GiB
-    assert not conv_forms.use_time_split(wide, small)  # 2 x 2.1 GiB
-    assert not conv_forms.use_time_split(two_d, small)
-    # The upsamplers' phase conv: 4 x 128 outputs at the input's resolution.
-    assert conv_forms.use_time_split(narrow, low, 4 * 128)
-    assert not conv_forms.use_time_split(narrow, small, 4 * 128)
+def test_time_loop_is_chosen_for_3d_convs_on_cpu():
+    def conv(kernel, pads, strides=None):
+        return layers.Conv(16, 128, kernel, pads, strides=strides, rngs=nnx.Rngs(0))
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert conv_forms.use_time_loop(conv((3, 3, 3), layers.causal_pads(1, layers.ZEROS))) == on_cpu
+    assert not conv_forms.use_time_loop(conv((3, 3), layers.same_pads(2, 1, layers.ZEROS)))
+    assert not conv_forms.use_time_loop(conv((1, 3, 3), layers.same_pads(3, 0, layers.ZEROS)))
+    assert not conv_forms.use_time_loop(conv((3, 3, 3), layers.causal_pads(1, layers.ZEROS), (1, 2, 2)))
+
+
+def test_time_loop_keeps_a_few_frames_alive():
+    """The compiled loop's scratch is a few frames (one frame's tap inputs and outputs): no
+    padded copy of the input (16 + 2 frames) and no whole-clip tap outputs (16 frames each)."""
+    conv = layers.Conv(16, 16, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=nnx.Rngs(0))
+    graph, state = nnx.split(conv)
+    x = jax.ShapeDtypeStruct((1, 16, 64, 64, 16), jnp.float32)
+    loop = jax.jit(lambda s, x: conv_forms.time_loop_conv(nnx.merge(graph, s), x))
+    frame = 64 * 64 * 16 * 4
+    assert loop.lower(state, x).compile().memory_analysis().temp_size_in_bytes <= 8 * frame
 
 
 def library_convolutions(hlo: str) -> list[str]:
