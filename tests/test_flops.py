@@ -27,8 +27,13 @@ def test_a_conv_counts_two_flops_per_multiply_add_and_agrees_with_xla():
     xla = jax.jit(valid).lower(x, k).compile().cost_analysis()
     xla = xla[0] if isinstance(xla, (list, tuple)) else xla
     assert flops.flops(valid, x, k) == xla["flops"] == 2 * (2 * 3 * 10 * 8 * 32) * 16 * 27
-    # The time loop runs the same multiply-adds, one frame per trip.
-    assert flops.flops(lambda s, x: conv_forms.time_loop_conv(nnx.merge(graph, s), x), state, x) == expected
+    # The time loop runs the same multiply-adds, one frame per trip; its gradients two
+    # convs' worth more (the input's and the kernel's), with no forward traced twice.
+    def loop(s, x):
+        return conv_forms.time_loop_conv(nnx.merge(graph, s), x)
+
+    assert flops.flops(loop, state, x) == expected
+    assert flops.flops(jax.grad(lambda s, x: loop(s, x).sum(), argnums=(0, 1)), state, x) == 3 * expected
 
 
 def test_loops_count_every_trip_conds_their_costliest_branch_and_grads_the_backward():
