@@ -148,13 +148,20 @@ def _time_loop_fn(x, kernel, pads, numerics):
     return lax.fori_loop(1, frames, frame, out)
 
 
+def _time_taps(x: jax.Array, pads, taps: int) -> list[jax.Array]:
+    """The frames each time tap of a stride-1 3D conv with the (lo, hi, mode) `pads` reads:
+    x padded (edge pads here, zero pads in time too; zero pads in space are left to the
+    conv), shifted by 0 .. taps - 1."""
+    x = pad_input(x, pads, (EDGE,))
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [zero_pads(pads)[0]] + [(0, 0)] * 3)
+    t = x.shape[-4] - taps + 1
+    return [x[..., d:d + t, :, :, :] for d in range(taps)]
+
+
 def _time_split(x, kernel, pads, numerics):
     """The same conv as a sum over time taps of whole-clip 2D convs of shifted frames."""
-    x = pad_input(x, pads, (EDGE,))
-    (lo, hi), *space = zero_pads(pads)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 4) + [(lo, hi)] + [(0, 0)] * 3)
-    t = x.shape[-4] - kernel.shape[0] + 1
-    return sum(_conv(numerics, x[..., d:d + t, :, :, :], kernel[d], space) for d in range(kernel.shape[0]))
+    frames = _time_taps(x, pads, kernel.shape[0])
+    return sum(_conv(numerics, f, kernel[d], zero_pads(pads)[1:]) for d, f in enumerate(frames))
 
 
 def _time_loop_fwd(x, kernel, pads, numerics):
@@ -272,12 +279,9 @@ def time_fold_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     on the channel axis (time taps x input channels inputs)."""
     k = conv.kernel[...]  # (kt, kh, kw, I, O)
     kt, kh, kw, cin, cout = k.shape
-    padding = zero_pads(conv.pads)
-    x = jnp.pad(pad_input(x, conv.pads, (EDGE,)), [(0, 0)] * (x.ndim - 4) + [padding[0]] + [(0, 0)] * 3)
-    t = x.shape[-4] - kt + 1
-    stacked = jnp.concatenate([x[..., d:d + t, :, :, :] for d in range(kt)], axis=-1)
+    stacked = jnp.concatenate(_time_taps(x, conv.pads, kt), axis=-1)
     kernel = jnp.moveaxis(k, 0, 2).reshape(kh, kw, kt * cin, cout)
-    return _add_bias(conv, _conv(conv, stacked, kernel, padding[1:]))
+    return _add_bias(conv, _conv(conv, stacked, kernel, zero_pads(conv.pads)[1:]))
 
 
 def use_time_fold(conv: "Conv") -> bool:
