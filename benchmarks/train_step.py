@@ -1,7 +1,7 @@
 """The CV-VAE train step of train.py: compile time, step time, FLOPs, MFU, peak memory.
 
     python benchmarks/train_step.py [--widths tiny|paper|smoke] [--frames 17] [--size 256]
-        [--batch-per-device 1] [--dtype fp32,bf16] [--remat none,full,...] [--lpips random|off]
+        [--batch-per-device 1] [--dtype fp32,bf16] [--remat none,blocks,...] [--lpips random|off]
         [--peak-tflops T] [--runs 3] [--warmup 1] [--json out.json]
 
 The step is the trainer's own (`cvvae_jax.trainer.Trainer`: the same models, sharded
@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import cvvae  # noqa: E402
-from cvvae_jax import assets, sharding, weights  # noqa: E402
+from cvvae_jax import assets, remat, sharding, weights  # noqa: E402
 from cvvae_jax.image_vae import ImageVAE  # noqa: E402
 from cvvae_jax.lpips import LPIPS  # noqa: E402
 from cvvae_jax.model_config import ImageVAEConfig  # noqa: E402
@@ -77,12 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-per-device", type=int, default=1)
     p.add_argument("--dtype", default="fp32", help="compute dtypes, comma-separated: fp32, bf16")
     p.add_argument("--remat", default="none",
-                   help="remat policies, comma-separated (cvvae_jax.sharding.remat_policy): "
-                        "none, full, save_nothing, dots, dots_no_batch")
+                   help="config.remat values, comma-separated (cvvae_jax.remat.resolve): "
+                        "none, blocks, full, save_nothing, dots, dots_no_batch")
     p.add_argument("--lpips", choices=("random", "off"), default="random")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for the MFU (default: from the device kind on GPU)")
-    p.add_argument("--runs", type=int, default=3, help="timed steps (median and min reported)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed steps (median and min reported); 0: the first step only, whose "
+                        "time then stands in for the rates")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--timeout", type=float, default=None, help="seconds per case (default: none)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -95,11 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--dtype {d!r}: choose from {', '.join(DTYPES)}")
     for r in args.remats:
         try:
-            sharding.remat_policy(r)
+            remat.resolve(r)
         except ValueError as e:
             p.error(str(e))
-    if args.runs < 1 or args.warmup < 0:
-        p.error("--runs must be >= 1 and --warmup >= 0")
+    if args.runs < 0 or args.warmup < 0:
+        p.error("--runs and --warmup must be >= 0")
     return args
 
 
@@ -119,9 +121,8 @@ def train_config(args, tmp: Path):
     c = smoke_config() if args.widths == "smoke" else cvvae.get_config(
         "tiny" if args.widths == "tiny" else "")
     dtype, = args.dtypes
-    remat, = args.remats
+    c.remat, = args.remats
     c.model.dtype = DTYPES[dtype]
-    c.remat = remat
     c.image_vae.path, c.image_vae.subfolder = str(random_image_vae(args.widths, tmp)), ""
     c.loss.lpips_vgg_path = ""
     if args.lpips == "random":
@@ -169,13 +170,13 @@ def run_case(args) -> dict:
     compile_s = time.perf_counter() - start
 
     def step():
-        nonlocal state
+        nonlocal state, metrics
         state, metrics = compiled(state, trainer.frozen, x, trainer.key)
         return state, metrics
 
+    metrics = None
     first_s, _ = common.timed(step)
     times = common.time_runs(step, warmup=args.warmup, runs=args.runs)
-    _, metrics = step()
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     vae_params = sum(int(np.prod(v.shape)) for _, v in weights.params_of(state.gen["vae"]))
     return {"widths": args.widths, "dtype": args.dtypes[0], "remat": args.remats[0],
@@ -200,9 +201,9 @@ def default_peak(device_kind: str, backend: str) -> float | None:
     return None
 
 
-def child_argv(args, dtype: str, remat: str) -> list[str]:
+def child_argv(args, dtype: str, remat_name: str) -> list[str]:
     return ["--case", "--widths", args.widths, "--frames", str(args.frames), "--size", str(args.size),
-            "--batch-per-device", str(args.batch_per_device), "--dtype", dtype, "--remat", remat,
+            "--batch-per-device", str(args.batch_per_device), "--dtype", dtype, "--remat", remat_name,
             "--lpips", args.lpips, "--runs", str(args.runs), "--warmup", str(args.warmup)]
 
 
@@ -214,11 +215,11 @@ def main(argv=None) -> None:
     script = Path(__file__).resolve()
     cases = [(d, r) for d in args.dtypes for r in args.remats]
     results = []
-    for n, (dtype, remat) in enumerate(cases, 1):
-        done = common.announce(n, len(cases), f"{args.widths} {dtype} remat={remat}")
-        r = common.run_child(script, child_argv(args, dtype, remat), timeout=args.timeout)
+    for n, (dtype, remat_name) in enumerate(cases, 1):
+        done = common.announce(n, len(cases), f"{args.widths} {dtype} remat={remat_name}")
+        r = common.run_child(script, child_argv(args, dtype, remat_name), timeout=args.timeout)
         r.setdefault("dtype", dtype)
-        r.setdefault("remat", remat)
+        r.setdefault("remat", remat_name)
         results.append(r)
         done(r)
     report(args, results)
@@ -237,8 +238,10 @@ def report(args, results: list[dict]) -> None:
         print(f"train step: {args.widths} widths, CV-VAE {ok['vae_params'] / 1e6:.1f} M parameters "
               f"({ok['origin'].split(' from ')[0]} from random weights), {lp}; global batch "
               f"{ok['global_batch']} ({args.batch_per_device} per device) of {args.frames}x{args.size}x"
-              f"{args.size} clips; median and min of {args.runs} step(s) after the first and "
-              f"{args.warmup} warm-up; each case in its own process")
+              f"{args.size} clips; " + (f"median and min of {args.runs} step(s) after the first "
+                                        f"and {args.warmup} warm-up" if args.runs else
+                                        "rates from the first step (--runs 0)")
+              + "; each case in its own process")
     n_dev = mach["device_count"] if mach else 1
     print("MFU: " + (f"against {peak:g} TFLOP/s per device ({peak_src}) x {n_dev}" if peak else
                      "n/a (no peak known for this device; pass --peak-tflops)"))
@@ -251,9 +254,9 @@ def report(args, results: list[dict]) -> None:
             rows.append([r["dtype"], r["remat"], f"error: {r['error']}"] + [""] * (len(headers) - 3))
             continue
         med = r["median_s"]
-        ex = r["global_batch"] / med
+        ex = r["global_batch"] / (med or r["first_step_s"])
         tflop = None if r["flops"] is None else r["flops"] / 1e12
-        rate = None if tflop is None else tflop / med
+        rate = None if tflop is None else tflop / (med or r["first_step_s"])
         mfu = None if rate is None or not peak else rate / (peak * n_dev)
         rows.append([r["dtype"], r["remat"], common.fmt(r["compile_s"], ".1f"),
                      common.fmt(r["first_step_s"]), common.fmt(med), common.fmt(r["min_s"]),

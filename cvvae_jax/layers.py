@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import conv_forms
+from . import conv_forms, remat
 from .conv_forms import EDGE, ZEROS, AxisPad
 
 Dtype = Any
@@ -201,7 +201,7 @@ class DiffusersAttention(nnx.Module):
         return x + self.to_out[0](h).reshape(x.shape)
 
 
-class ResnetBlock(nnx.Module):
+class ResnetBlock(remat.Block):
     """norm1 -> act -> conv1 -> norm2 -> act -> conv2, plus a (projected) shortcut.
 
     The convolutions are built by the caller, so the same block serves the causal
@@ -234,7 +234,7 @@ class ResnetBlock(nnx.Module):
         if shortcut is not None:
             setattr(self, shortcut_name, shortcut)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         h = self.conv1(self.act(self.norm1(x)))
         h = self.conv2(self.act(self.norm2(h)))
         if self.shortcut_name is not None:
@@ -242,17 +242,17 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
-class Downsample(nnx.Module):
+class Downsample(remat.Block):
     """A strided conv; a module of its own because the official key is `...downsample(rs.0).conv`."""
 
     def __init__(self, conv: Conv):
         self.conv = conv
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
 
 
-class Upsample(nnx.Module):
+class Upsample(remat.Block):
     """Nearest 2x in space, then a conv; with `up_time=2` the conv emits two frames
     per input frame and the first output frame is dropped (1 + k -> 1 + 2k).
 
@@ -264,5 +264,5 @@ class Upsample(nnx.Module):
         self.conv = conv
         self.up_time = up_time
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def forward(self, x: jax.Array) -> jax.Array:
         return conv_forms.nearest2x_conv(self.conv, x, self.up_time)

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import conv_forms, data, dtypes, losses, media, metrics, sharding
+from . import conv_forms, data, dtypes, losses, media, metrics, remat, sharding
 from .discriminator import NLayerDiscriminator3D
 from .flops import jaxpr_flops
 from .image_vae import ImageVAE
@@ -209,6 +209,11 @@ class Trainer:
                                       if k not in ("lpips_vgg_path", "logvar_init")})
         self.vae_abstract = model_class(config.model.kind).abstract(
             initial_config(config, image_vae), dtype=dtype)
+        rm = remat.resolve(config.remat)
+        if rm.blocks:  # before the graph definitions are split off: they carry the switch
+            for model in (self.vae_abstract, image_vae):
+                if model is not None:
+                    remat.set_block_remat(model)
         vae_def, _ = nnx.split(self.vae_abstract)
         disc_def, disc_state = nnx.split(disc)
         split = lambda m: (None, None) if m is None else nnx.split(m)  # noqa: E731
@@ -237,11 +242,10 @@ class Trainer:
             self.shardings)
         self._disc_state, self._image_vae = disc_state, image_vae
 
-        policy = sharding.remat_policy(config.remat)
         step_fn = make_train_step(objective=self.objective, graphdefs=self.graphdefs,
                                   g_tx=self.g_tx, d_tx=self.d_tx, g_schedule=self.g_schedule,
-                                  ema_decay=config.optim.ema_decay, remat_policy=policy,
-                                  remat=config.remat != "none")
+                                  ema_decay=config.optim.ema_decay, remat_policy=rm.policy,
+                                  remat=rm.policy is not None)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self._step = jax.jit(
             step_fn,

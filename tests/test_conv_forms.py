@@ -147,6 +147,26 @@ def test_time_loop_is_chosen_for_3d_convs_on_cpu():
     assert not conv_forms.use_time_loop(conv((3, 3, 3), layers.causal_pads(1, layers.ZEROS), (1, 2, 2)))
 
 
+@pytest.mark.parametrize("pads", [
+    ((2, 0, "edge"), (1, 1, "zeros"), (1, 1, "zeros")),  # v1 causal
+    ((2, 1, "edge"), (1, 2, "edge"), (0, 1, "edge")),  # SD3 replicates on every axis
+])
+def test_pad_input_and_its_gradient_match_numpy_padding(pads):
+    x = jax.random.normal(jax.random.key(0), (2, 4, 5, 6, 3))
+
+    def numpy_style(x):
+        for mode, np_mode in (("zeros", "constant"), ("edge", "edge")):
+            x = jnp.pad(x, ((0, 0),) + tuple((lo, hi) if m == mode else (0, 0) for lo, hi, m in pads)
+                        + ((0, 0),), mode=np_mode)
+        return x
+
+    want, want_vjp = jax.vjp(numpy_style, x)
+    cot = jax.random.normal(jax.random.key(1), want.shape)
+    got, got_vjp = jax.vjp(lambda x: conv_forms.pad_input(x, pads), x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_vjp(cot)[0], want_vjp(cot)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_time_loop_keeps_a_few_frames_alive():
     """The compiled loop's scratch is a few frames (one frame's tap inputs and outputs): no
     padded copy of the input (16 + 2 frames) and no whole-clip tap outputs (16 frames each)."""

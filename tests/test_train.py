@@ -241,6 +241,20 @@ def test_fsdp_on_8_devices_matches_one_device(env, reference, tmp_path):
     assert {k.split("[")[0] for k in split} == {".gen", ".disc", ".g_opt", ".d_opt", ".ema"}
 
 
+def test_block_remat_matches_the_reference(env, reference, tmp_path):
+    """`config.remat=blocks` recomputes every block of the CV-VAE and the image VAE in the
+    backward pass: the same metrics as the reference run, which keeps the activations."""
+    run = Run("remat", tmp_path / "run", env, image_vae_flag(env), "--config.remat=blocks")
+    run.check()
+    reference_done(reference)
+    got, want = train_rows(run.workdir), train_rows(reference.workdir)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        for k, v in want[step].items():
+            np.testing.assert_allclose(got[step][k], v, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {step} {k}")
+
+
 def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
     """jax.distributed on localhost (gloo): 2 processes x 2 devices, FSDP over processes;
     3 steps and a checkpoint, then a second launch restores step 3."""
