@@ -33,12 +33,14 @@ def test_round_trip_keeps_shape_fps_and_pixels(tmp_path):
 
 
 def test_float_frames_are_written_like_their_uint8_version(tmp_path):
+    """The encoder gets the same pixels. (Not a comparison of the two files: once, under
+    load, two encodes of the same frames decoded to pixels up to 16 apart.)"""
     video = _gradient_video()
-    media.write_video(tmp_path / "u8.mp4", video, fps=30)
+    np.testing.assert_array_equal(media._as_uint8_video(media.to_float(video), "test"), video)
     media.write_video(tmp_path / "f32.mp4", media.to_float(video), fps=30)
-    from_u8, _ = media.read_video(tmp_path / "u8.mp4")
-    from_float, _ = media.read_video(tmp_path / "f32.mp4")
-    np.testing.assert_array_equal(from_float, from_u8)
+    decoded, _ = media.read_video(tmp_path / "f32.mp4")
+    assert decoded.shape == video.shape
+    assert _mean_abs_error(decoded, video) < 4.0
 
 
 def test_ntsc_rate_survives(tmp_path):
