@@ -86,8 +86,8 @@ def _schedule_count(opt_state) -> jax.Array:
 
 def make_train_step(*, objective: Objective, graphdefs: GraphDefs,
                     g_tx: optax.GradientTransformation, d_tx: optax.GradientTransformation,
-                    g_schedule, ema_decay: float, remat_policy=None, remat: bool = False):
-    """The pure step; `remat` wraps the generator loss in `jax.checkpoint(policy=remat_policy)`."""
+                    g_schedule, ema_decay: float, remat_policy=None):
+    """The pure step; a `remat_policy` wraps the generator loss in `jax.checkpoint`."""
     gd = graphdefs
 
     def merge(graphdef, state):
@@ -103,7 +103,7 @@ def make_train_step(*, objective: Objective, graphdefs: GraphDefs,
                 merge(gd.image_vae, frozen["image_vae"]), merge(gd.lpips, frozen["lpips"]), x,
                 key=key, step=state.step)
 
-        if remat:
+        if remat_policy is not None:
             g_loss = jax.checkpoint(g_loss, policy=remat_policy)
         with jax.named_scope("generator"):
             (g_total, aux), g_grads = jax.value_and_grad(g_loss, has_aux=True)(state.gen)

@@ -244,8 +244,7 @@ class Trainer:
 
         step_fn = make_train_step(objective=self.objective, graphdefs=self.graphdefs,
                                   g_tx=self.g_tx, d_tx=self.d_tx, g_schedule=self.g_schedule,
-                                  ema_decay=config.optim.ema_decay, remat_policy=rm.policy,
-                                  remat=rm.policy is not None)
+                                  ema_decay=config.optim.ema_decay, remat_policy=rm.policy)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self._step = jax.jit(
             step_fn,

@@ -29,7 +29,7 @@ def test_a_non_finite_batch_changes_nothing_and_is_counted():
     step = jax.jit(train_step.make_train_step(
         objective=Objective(perceptual_weight=0.0, regularizer="none"),
         graphdefs=train_step.GraphDefs(vdef, ddef, None, None), g_tx=g_tx, d_tx=d_tx,
-        g_schedule=g_sched, ema_decay=0.5, remat=True,
+        g_schedule=g_sched, ema_decay=0.5,
         remat_policy=sharding.remat_policy("full")), compiler_options=FAST_COMPILE)
     frozen, key = {"image_vae": None, "lpips": None}, jax.random.key(0)
     x = jax.random.uniform(jax.random.key(1), (2, 1, 16, 16, 3), minval=-1, maxval=1)
