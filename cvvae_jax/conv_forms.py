@@ -8,7 +8,13 @@ what calling it on the stated input returns, up to float rounding:
   distinct columns of x, so each of the four output phases is a 2x2 conv of x with
   summed taps: 4/9 of the multiply-adds, and the 4x larger input is never built.
   The decoder's upsamplers carry ~40% of its FLOPs, which makes this the largest
-  single saving in decode (benchmarks/README.md has the figures).
+  single saving in decode (benchmarks/README.md has the figures). The phase convs pad
+  their 2x2 taps by one, which grows the output; on CPU their kernel gradient comes from a
+  zero-padded copy of x instead (`_kernel_grad`), as XLA's for the padded form ran 300x slower.
+- `strided_conv(conv, x)` runs a strided conv (the downsamplers, the discriminator's first
+  conv) on CPU: XLA's forward, and the backward of the same conv split by stride phase
+  into stride-1 convs, as XLA:CPU's gradients of the strided conv ran 5-120x slower than
+  its forward.
 - `matmul_conv(conv, x)` handles convs with few input or output channels (the RGB
   `conv_out`s, and the `conv_in`s but the 3D ones on CPU), which XLA:CPU's convolution
   ran at a few GFLOP/s: the
@@ -105,18 +111,37 @@ def unit_strides(conv: "Conv") -> bool:
     return conv.strides in (1, None) or set(conv.strides) == {1}
 
 
-def _conv(conv, x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-    """A stride-1 conv of channels-last x (any leading batch axes) in the dtype and precision of
-    `conv` (a Conv or `_Numerics`), no bias."""
+def _conv(conv, x: jax.Array, kernel: jax.Array, padding, strides=None) -> jax.Array:
+    """A conv (stride 1 unless `strides`) of channels-last x (any leading batch axes) in the
+    dtype and precision of `conv` (a Conv or `_Numerics`), no bias."""
     n = kernel.ndim - 2
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
     y = lax.conv_general_dilated(
         x.reshape(-1, *x.shape[-n - 1:]).astype(conv.dtype), kernel.astype(conv.dtype),
-        (1,) * n, padding,
+        strides or (1,) * n, padding,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         precision=conv.precision)
     return y.reshape(*batch, *y.shape[1:])
+
+
+def _grows(kernel: jax.Array, padding) -> bool:
+    """Whether zero `padding` makes the conv's output larger than its input: the 2x2-tap
+    phase convs of `nearest2x_conv`, padded by one."""
+    return any(lo + hi > k - 1 for (lo, hi), k in zip(padding, kernel.shape[:kernel.ndim - 2]))
+
+
+def _kernel_grad(numerics, x: jax.Array, kernel: jax.Array, padding, g: jax.Array) -> jax.Array:
+    """The gradient of `_conv(numerics, x, kernel, padding)` with respect to `kernel`, for
+    the output cotangent `g`. A conv whose padding grows its output gets it from a zero-padded
+    copy of x and no conv padding: XLA:CPU's kernel gradient of the padded form ran
+    200-300x slower (a 2x2-tap 256 -> 2048-channel conv of 9x32x32: 77.8 s against 0.25 s)."""
+    if _grows(kernel, padding):
+        n = kernel.ndim - 2
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - n - 1) + list(padding) + [(0, 0)])
+        padding = [(0, 0)] * n
+    gk, = jax.linear_transpose(lambda k: _conv(numerics, x, k, padding), kernel)(g)
+    return gk
 
 
 class _Numerics(NamedTuple):
@@ -192,7 +217,9 @@ def _time_loop_bwd(pads, numerics, residuals, g):
     # which would trace a forward that XLA drops but `cvvae_jax.flops` would count.
     x, kernel = residuals
     gx, = jax.linear_transpose(lambda x: _time_split(x, kernel, pads, numerics), x)(g)
-    gk, = jax.linear_transpose(lambda k: _time_split(x, k, pads, numerics), kernel)(g)
+    frames = _time_taps(x, pads, kernel.shape[0])
+    space = zero_pads(pads)[1:]
+    gk = jnp.stack([_kernel_grad(numerics, f, kernel[d], space, g) for d, f in enumerate(frames)])
     return gx, gk
 
 
@@ -231,6 +258,9 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     k = k.reshape(*taps, cin, 4 * cout)
     if use_time_loop(conv):
         y = _time_loop(conv, x, k, conv.pads)
+    elif jax.default_backend() == "cpu":
+        y = _phase_conv(pad_input(x, conv.pads, (EDGE,)), k, tuple(zero_pads(conv.pads)),
+                        _Numerics(conv.dtype, conv.precision))
     else:
         y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k, zero_pads(conv.pads))
     y = _add_bias(conv, y, 4)
@@ -253,6 +283,25 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
             phase = lax.pad(phase, zero, lead_pads + [(py, 1 - py, 1), (px, 1 - px, 1), (0, 0, 0)])
             out = phase if out is None else out + phase
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _phase_conv(x, kernel, padding, numerics):
+    # `_conv` with the kernel gradient of `_kernel_grad`, for the 2D phase convs on CPU.
+    return _conv(numerics, x, kernel, padding)
+
+
+def _phase_conv_fwd(x, kernel, padding, numerics):
+    return _phase_conv(x, kernel, padding, numerics), (x, kernel)
+
+
+def _phase_conv_bwd(padding, numerics, residuals, g):
+    x, kernel = residuals
+    gx, = jax.linear_transpose(lambda x: _conv(numerics, x, kernel, padding), x)(g)
+    return gx, _kernel_grad(numerics, x, kernel, padding, g)
+
+
+_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
 
 
 def check_nearest2x(conv: "Conv") -> None:
@@ -284,6 +333,56 @@ def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
         cols = jnp.concatenate([window(xp, off) for off in offsets], axis=-1)
         acc = jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision)
     return _add_bias(conv, acc)
+
+
+def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x)` for a strided conv, on CPU: XLA's own forward; the backward of the same conv
+    split into stride phases (`_phase_split`), stride-1 convs whose gradients XLA:CPU runs
+    on its fast path. The gradients of the strided conv itself are dilated convs: 9.8 s
+    against a 0.53 s forward for the encoder's 128-channel time-and-space downsampler at
+    17x128x128 (input gradient), 9.3 s against 0.08 s for the discriminator's first conv."""
+    numerics = _Numerics(conv.dtype, conv.precision)
+    y = _strided(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
+                 tuple(conv.strides), numerics)
+    return _add_bias(conv, y)
+
+
+def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) -> jax.Array:
+    """The strided conv as a sum over stride phases: along an axis of stride s, phase r reads
+    every s-th element of the zero-padded x from r, with the kernel taps r, r + s, ...; each
+    phase is a stride-1 VALID conv, cropped to the strided conv's output. Same taps, same
+    multiply-adds."""
+    n = kernel.ndim - 2
+    lead = [(0, 0)] * (x.ndim - n - 1)
+    x = jnp.pad(x, lead + list(padding) + [(0, 0)])
+    taps = kernel.shape[:n]
+    out = [(x.shape[x.ndim - n - 1 + a] - taps[a]) // strides[a] + 1 for a in range(n)]
+    y = None
+    for phase in itertools.product(*(range(min(s, k)) for s, k in zip(strides, taps))):
+        picks = tuple(slice(r, None, s) for r, s in zip(phase, strides))
+        part = _conv(numerics, x[(...,) + picks + (slice(None),)], kernel[picks], [(0, 0)] * n)
+        part = part[(...,) + tuple(slice(0, o) for o in out) + (slice(None),)]
+        y = part if y is None else y + part
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided(x, kernel, padding, strides, numerics):
+    return _conv(numerics, x, kernel, padding, strides)
+
+
+def _strided_fwd(x, kernel, padding, strides, numerics):
+    return _strided(x, kernel, padding, strides, numerics), (x, kernel)
+
+
+def _strided_bwd(padding, strides, numerics, residuals, g):
+    x, kernel = residuals
+    gx, = jax.linear_transpose(lambda x: _phase_split(x, kernel, padding, strides, numerics), x)(g)
+    gk, = jax.linear_transpose(lambda k: _phase_split(x, k, padding, strides, numerics), kernel)(g)
+    return gx, gk
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
 
 
 def time_loop_conv(conv: "Conv", x: jax.Array) -> jax.Array:

@@ -23,8 +23,9 @@ def literal(conv: layers.Conv, x: jax.Array) -> jax.Array:
                     + ((0, 0),), mode=np_mode)
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
+    strides = (1,) * n if conv_forms.unit_strides(conv) else tuple(conv.strides)
     y = lax.conv_general_dilated(
-        x.reshape(-1, *x.shape[-n - 1:]), conv.kernel[...], (1,) * n, "VALID",
+        x.reshape(-1, *x.shape[-n - 1:]), conv.kernel[...], strides, "VALID",
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         precision=lax.Precision.HIGHEST)
     return (y + conv.bias[...]).reshape(*batch, *y.shape[1:])
@@ -45,6 +46,19 @@ def randomise_bias(conv):
     return conv
 
 
+def assert_same_gradients(form, conv, x, reference=literal):
+    """`form(conv, x)` and `reference(conv, x)` have the same gradients for the input and the
+    parameters (of a random linear function of the output)."""
+    graph, state = nnx.split(conv)
+    w = jax.random.normal(jax.random.key(2), jax.eval_shape(lambda: reference(conv, x)).shape)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda s, x: (f(nnx.merge(graph, s), x) * w).sum(), argnums=(0, 1)))(state, x)
+
+    for got, want in zip(jax.tree.leaves(grads(form)), jax.tree.leaves(grads(reference))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 KITS = {
     "v1 time-doubling (edge time, zero space)": lambda r: V1Kit(jnp.float32, jnp.float32).up(5, True, r),
     "v1 space only": lambda r: V1Kit(jnp.float32, jnp.float32).up(5, False, r),
@@ -62,6 +76,8 @@ def test_nearest2x_conv_equals_conv_of_the_upsampled_input(kit):
     got = conv_forms.nearest2x_conv(conv, x)
     assert got.shape == want.shape == shape[:-3] + (14, 12, conv.out_features)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Its kernel gradient comes from a zero-padded copy of x (`conv_forms._kernel_grad`).
+    assert_same_gradients(conv_forms.nearest2x_conv, conv, x, lambda c, x: literal(c, nearest2x(x)))
 
 
 @pytest.mark.parametrize("kit", [k for k in KITS if "time-doubling" in k or "causal" in k])
@@ -103,15 +119,27 @@ def test_time_loop_conv_equals_the_3d_conv(pads):
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 12))
     np.testing.assert_allclose(conv_forms.time_loop_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
-    # Its custom VJP: gradients for the input and the parameters.
-    graph, state = nnx.split(conv)
-    w = jax.random.normal(jax.random.key(2), literal(conv, x).shape)
+    assert_same_gradients(conv_forms.time_loop_conv, conv, x)  # its custom VJP
 
-    def loss(form):
-        return jax.grad(lambda s, x: (form(nnx.merge(graph, s), x) * w).sum(), argnums=(0, 1))(state, x)
 
-    for got, want in zip(jax.tree.leaves(loss(conv_forms.time_loop_conv)), jax.tree.leaves(loss(literal))):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+STRIDED = {
+    "v1 time and space": lambda r: V1Kit(jnp.float32, jnp.float32).down(6, True, r),
+    "v1 space only": lambda r: V1Kit(jnp.float32, jnp.float32).down(6, False, r),
+    "sd3 (edge, causal)": lambda r: SD3Kit(jnp.float32, jnp.float32).down(6, True, r),
+    "image vae (2D)": lambda r: ImageKit(jnp.float32, jnp.float32).down(6, False, r),
+    "discriminator conv_in (RGB)": lambda r: layers.Conv(
+        3, 8, (3, 3, 3), layers.same_pads(3, 1, layers.ZEROS), strides=(2, 2, 2), rngs=r),
+}
+
+
+@pytest.mark.parametrize("kit", STRIDED)
+def test_strided_conv_and_its_gradients_equal_the_strided_conv(kit):
+    conv = randomise_bias(STRIDED[kit](nnx.Rngs(0)))
+    # Odd and even sizes: the stride phases differ in length.
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 8, conv.in_features)[-len(conv.kernel_size) - 2:])
+    np.testing.assert_allclose(conv_forms.strided_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    assert_same_gradients(conv_forms.strided_conv, conv, x)
 
 
 @pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
