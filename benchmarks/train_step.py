@@ -254,9 +254,10 @@ def report(args, results: list[dict]) -> None:
             rows.append([r["dtype"], r["remat"], f"error: {r['error']}"] + [""] * (len(headers) - 3))
             continue
         med = r["median_s"]
-        ex = r["global_batch"] / (med or r["first_step_s"])
+        step_s = med or r["first_step_s"]  # --runs 0: the first step stands in
+        ex = r["global_batch"] / step_s
         tflop = None if r["flops"] is None else r["flops"] / 1e12
-        rate = None if tflop is None else tflop / (med or r["first_step_s"])
+        rate = None if tflop is None else tflop / step_s
         mfu = None if rate is None or not peak else rate / (peak * n_dev)
         rows.append([r["dtype"], r["remat"], common.fmt(r["compile_s"], ".1f"),
                      common.fmt(r["first_step_s"]), common.fmt(med), common.fmt(r["min_s"]),

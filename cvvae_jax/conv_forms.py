@@ -131,16 +131,19 @@ def _grows(kernel: jax.Array, padding) -> bool:
     return any(lo + hi > k - 1 for (lo, hi), k in zip(padding, kernel.shape[:kernel.ndim - 2]))
 
 
-def _kernel_grad(numerics, x: jax.Array, kernel: jax.Array, padding, g: jax.Array) -> jax.Array:
-    """The gradient of `_conv(numerics, x, kernel, padding)` with respect to `kernel`, for
-    the output cotangent `g`. A conv whose padding grows its output gets it from a zero-padded
-    copy of x and no conv padding: XLA:CPU's kernel gradient of the padded form ran
-    200-300x slower (a 2x2-tap 256 -> 2048-channel conv of 9x32x32: 77.8 s against 0.25 s)."""
-    if _grows(kernel, padding):
-        n = kernel.ndim - 2
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - n - 1) + list(padding) + [(0, 0)])
-        padding = [(0, 0)] * n
-    gk, = jax.linear_transpose(lambda k: _conv(numerics, x, k, padding), kernel)(g)
+def _kernel_grad(numerics, x: jax.Array, kernel: jax.Array, padding, g: jax.Array,
+                 strides=None) -> jax.Array:
+    """The gradient of `_conv(numerics, x, kernel, padding, strides)` with respect to `kernel`,
+    for the output cotangent `g`. A strided conv, or one whose padding grows its output, gets
+    it from `_phase_split` (VALID stride-1 convs of a zero-padded copy of x): XLA:CPU's
+    kernel gradient of the padded form ran 200-300x slower (a 2x2-tap 256 -> 2048-channel
+    conv of 9x32x32: 77.8 s against 0.25 s)."""
+    if strides is not None or _grows(kernel, padding):
+        strides = strides or (1,) * (kernel.ndim - 2)
+        form = lambda k: _phase_split(x, k, padding, strides, numerics)  # noqa: E731
+    else:
+        form = lambda k: _conv(numerics, x, k, padding)  # noqa: E731
+    gk, = jax.linear_transpose(form, kernel)(g)
     return gk
 
 
@@ -259,8 +262,8 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     if use_time_loop(conv):
         y = _time_loop(conv, x, k, conv.pads)
     elif jax.default_backend() == "cpu":
-        y = _phase_conv(pad_input(x, conv.pads, (EDGE,)), k, tuple(zero_pads(conv.pads)),
-                        _Numerics(conv.dtype, conv.precision))
+        y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), k, tuple(zero_pads(conv.pads)), None,
+                             _Numerics(conv.dtype, conv.precision))
     else:
         y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k, zero_pads(conv.pads))
     y = _add_bias(conv, y, 4)
@@ -283,25 +286,6 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
             phase = lax.pad(phase, zero, lead_pads + [(py, 1 - py, 1), (px, 1 - px, 1), (0, 0, 0)])
             out = phase if out is None else out + phase
     return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _phase_conv(x, kernel, padding, numerics):
-    # `_conv` with the kernel gradient of `_kernel_grad`, for the 2D phase convs on CPU.
-    return _conv(numerics, x, kernel, padding)
-
-
-def _phase_conv_fwd(x, kernel, padding, numerics):
-    return _phase_conv(x, kernel, padding, numerics), (x, kernel)
-
-
-def _phase_conv_bwd(padding, numerics, residuals, g):
-    x, kernel = residuals
-    gx, = jax.linear_transpose(lambda x: _conv(numerics, x, kernel, padding), x)(g)
-    return gx, _kernel_grad(numerics, x, kernel, padding, g)
-
-
-_phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
 
 
 def check_nearest2x(conv: "Conv") -> None:
@@ -342,8 +326,8 @@ def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     against a 0.53 s forward for the encoder's 128-channel time-and-space downsampler at
     17x128x128 (input gradient), 9.3 s against 0.08 s for the discriminator's first conv."""
     numerics = _Numerics(conv.dtype, conv.precision)
-    y = _strided(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
-                 tuple(conv.strides), numerics)
+    y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
+                         tuple(conv.strides), numerics)
     return _add_bias(conv, y)
 
 
@@ -367,22 +351,27 @@ def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) ->
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _strided(x, kernel, padding, strides, numerics):
+def _split_grad_conv(x, kernel, padding, strides, numerics):
+    # `_conv` (strides None: stride 1) with the gradients XLA:CPU runs fast: a strided
+    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`.
     return _conv(numerics, x, kernel, padding, strides)
 
 
-def _strided_fwd(x, kernel, padding, strides, numerics):
-    return _strided(x, kernel, padding, strides, numerics), (x, kernel)
+def _split_grad_conv_fwd(x, kernel, padding, strides, numerics):
+    return _split_grad_conv(x, kernel, padding, strides, numerics), (x, kernel)
 
 
-def _strided_bwd(padding, strides, numerics, residuals, g):
+def _split_grad_conv_bwd(padding, strides, numerics, residuals, g):
     x, kernel = residuals
-    gx, = jax.linear_transpose(lambda x: _phase_split(x, kernel, padding, strides, numerics), x)(g)
-    gk, = jax.linear_transpose(lambda k: _phase_split(x, k, padding, strides, numerics), kernel)(g)
-    return gx, gk
+    if strides is None:
+        form = lambda x: _conv(numerics, x, kernel, padding)  # noqa: E731
+    else:
+        form = lambda x: _phase_split(x, kernel, padding, strides, numerics)  # noqa: E731
+    gx, = jax.linear_transpose(form, x)(g)
+    return gx, _kernel_grad(numerics, x, kernel, padding, g, strides)
 
 
-_strided.defvjp(_strided_fwd, _strided_bwd)
+_split_grad_conv.defvjp(_split_grad_conv_fwd, _split_grad_conv_bwd)
 
 
 def time_loop_conv(conv: "Conv", x: jax.Array) -> jax.Array:
@@ -404,6 +393,11 @@ def use_time_fold(conv: "Conv") -> bool:
     """Whether a 3D conv should run as `time_fold_conv`: on CPU, stride 1, RGB-sized input
     and wide output (the encoder's `conv_in`), where it ran 2.2x faster than `matmul_conv`."""
     return use_time_loop(conv) and conv.in_features <= FEW_CHANNELS < conv.out_features
+
+
+def use_strided_conv(conv: "Conv") -> bool:
+    """Whether a conv should run as `strided_conv`: strided, on CPU."""
+    return not unit_strides(conv) and jax.default_backend() == "cpu"
 
 
 def use_time_loop(conv: "Conv") -> bool:

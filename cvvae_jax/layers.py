@@ -100,7 +100,7 @@ class Conv(nnx.Conv):
             return conv_forms.matmul_conv(self, x)
         if conv_forms.use_time_loop(self):
             return conv_forms.time_loop_conv(self, x)
-        if not conv_forms.unit_strides(self) and jax.default_backend() == "cpu":
+        if conv_forms.use_strided_conv(self):
             return conv_forms.strided_conv(self, x)
         return super().__call__(conv_forms.pad_input(x, self.pads, (EDGE,)))
 
