@@ -14,12 +14,13 @@ what calling it on the stated input returns, up to float rounding:
 - `strided_conv(conv, x)` runs a strided conv (the downsamplers, the discriminator's first
   conv) on CPU: XLA's forward, and the backward of the same conv split by stride phase
   into stride-1 convs, as XLA:CPU's gradients of the strided conv ran 5-120x slower than
-  its forward.
+  its forward; the phases' input gradients are interleaved into one buffer.
 - `matmul_conv(conv, x)` handles convs with few input or output channels (the RGB
   `conv_out`s, and the `conv_in`s but the 3D ones on CPU), which XLA:CPU's convolution
   ran at a few GFLOP/s: the
   taps become one matmul, then a sum of shifted slices (few outputs) or the
-  shifted slices are stacked first (few inputs).
+  shifted slices are stacked first (few inputs). The few-output form has its own
+  backward pass, which writes the taps' cotangents into one buffer.
 - `time_fold_conv(conv, x)` runs a 3D conv with RGB-sized input (the encoder's `conv_in`)
   as one 2D conv of the time-shifted frames stacked on channels, on CPU: 0.56 s against
   1.22 s for `matmul_conv` and 1.05 s for 2D convs per time tap, at 17x256x256 with 128
@@ -299,24 +300,77 @@ def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 conv with at most FEW_CHANNELS input or output channels."""
     k = conv.kernel[...]
     *taps, cin, cout = k.shape
-    n = len(taps)
-    xp = pad_input(x, conv.pads).astype(conv.dtype)
-    out = tuple(s - t + 1 for s, t in zip(xp.shape[-n - 1:-1], taps))
-    offsets = list(itertools.product(*(range(t) for t in taps)))
-
-    def window(a, off):
-        return a[(...,) + tuple(slice(o, o + s) for o, s in zip(off, out)) + (slice(None),)]
-
     if cout <= FEW_CHANNELS:
-        # Every input pixel's contribution to every tap at once, then each output sums its taps.
-        y = jnp.dot(xp, k.reshape(-1, cin, cout).transpose(1, 0, 2).reshape(cin, -1).astype(conv.dtype),
-                    precision=conv.precision)
-        y = y.reshape(*y.shape[:-1], len(offsets), cout)
-        acc = sum(window(y[..., i, :], off) for i, off in enumerate(offsets))
-    else:
-        cols = jnp.concatenate([window(xp, off) for off in offsets], axis=-1)
-        acc = jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision)
-    return _add_bias(conv, acc)
+        return _add_bias(conv, _tap_sum_conv(x, k, tuple(conv.pads), _Numerics(conv.dtype, conv.precision)))
+    xp = pad_input(x, conv.pads).astype(conv.dtype)
+    out = _valid_size(xp, taps)
+    cols = jnp.concatenate([_window(xp, off, out) for off in _offsets(taps)], axis=-1)
+    return _add_bias(conv, jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision))
+
+
+def _offsets(taps) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(t) for t in taps)))
+
+
+def _valid_size(xp: jax.Array, taps) -> tuple[int, ...]:
+    n = len(taps)
+    return tuple(s - t + 1 for s, t in zip(xp.shape[-n - 1:-1], taps))
+
+
+def _window(a: jax.Array, off, out) -> jax.Array:
+    return a[(...,) + tuple(slice(o, o + s) for o, s in zip(off, out)) + (slice(None),)]
+
+
+def _tap_matrix(k: jax.Array) -> jax.Array:
+    """(taps..., I, O) -> (I, taps * O): every tap's outputs side by side."""
+    cin, cout = k.shape[-2:]
+    return k.reshape(-1, cin, cout).transpose(1, 0, 2).reshape(cin, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _tap_sum_conv(x, k, pads, numerics):
+    # Every input pixel's contribution to every tap at once (one matmul), then each output
+    # sums its taps' shifted slices.
+    taps = k.shape[:-2]
+    xp = pad_input(x, pads).astype(numerics.dtype)
+    y = jnp.dot(xp, _tap_matrix(k).astype(numerics.dtype), precision=numerics.precision)
+    y = y.reshape(*y.shape[:-1], -1, k.shape[-1])
+    out = _valid_size(xp, taps)
+    return sum(_window(y[..., i, :], off, out) for i, off in enumerate(_offsets(taps)))
+
+
+def _tap_sum_conv_fwd(x, k, pads, numerics):
+    return _tap_sum_conv(x, k, pads, numerics), (x, k)
+
+
+def _tap_sum_conv_bwd(pads, numerics, residuals, g):
+    """The taps' cotangents written into one (..., taps, O) buffer, then two matmuls. Autodiff
+    of the forward summed one zero-padded full-size cotangent per tap instead, XLA keeping a
+    dozen alive at once (391 MiB each for the decoder's `conv_out` at 17x256x256: the top of
+    the paper-width train step's memory plan). Saves the unpadded input, not its padded copy.
+    A non-finite g[0] makes the gradient non-finite, which the train step's guard skips."""
+    x, k = residuals
+    taps = k.shape[:-2]
+    n = len(taps)
+    # Tied to g (as in `remat`), or CSE merges this pad with the forward's and the padded
+    # copy stays alive from the forward pass to here.
+    tied = x + (g.reshape(-1)[0] * 0).astype(x.dtype)
+    xp, pad_vjp = jax.vjp(lambda x: pad_input(x, pads).astype(numerics.dtype), tied)
+    out = _valid_size(xp, taps)
+    lead = [(0, 0)] * (g.ndim - n - 1)
+    dy = jnp.stack([jnp.pad(g, lead + [(o, p - o - s) for o, s, p in zip(off, out, xp.shape[-n - 1:-1])]
+                            + [(0, 0)]) for off in _offsets(taps)], axis=-2)
+    dy = dy.reshape(*dy.shape[:-2], -1).astype(numerics.dtype)
+    kmat = _tap_matrix(k).astype(numerics.dtype)
+    dxp = jnp.dot(dy, kmat.T, precision=numerics.precision)
+    dkmat = jnp.dot(xp.reshape(-1, xp.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
+                    precision=numerics.precision, preferred_element_type=jnp.float32)
+    dk = dkmat.reshape(k.shape[-2], -1, k.shape[-1]).transpose(1, 0, 2).reshape(k.shape)
+    dx, = pad_vjp(dxp.astype(xp.dtype))
+    return dx, dk.astype(k.dtype)
+
+
+_tap_sum_conv.defvjp(_tap_sum_conv_fwd, _tap_sum_conv_bwd)
 
 
 def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
@@ -361,13 +415,51 @@ def _split_grad_conv_fwd(x, kernel, padding, strides, numerics):
     return _split_grad_conv(x, kernel, padding, strides, numerics), (x, kernel)
 
 
+def _phase_input_grad(x: jax.Array, kernel: jax.Array, padding, strides, numerics,
+                      g: jax.Array) -> jax.Array:
+    """The input gradient of the strided conv, phase by phase: each stride phase's
+    stride-1 gradient, interleaved back into place. The phases partition the padded input,
+    so they fill one buffer; transposing `_phase_split` as a whole summed one zero-padded
+    full-size gradient per phase instead (8 x 612 MB alive at once for the encoder's
+    128-channel downsampler at 17x256x256)."""
+    n = kernel.ndim - 2
+    lead, chans = x.shape[: x.ndim - n - 1], x.shape[-1]
+    size = [x.shape[len(lead) + a] + lo + hi for a, (lo, hi) in enumerate(padding)]
+    taps = kernel.shape[:n]
+    out = [(size[a] - taps[a]) // strides[a] + 1 for a in range(n)]
+    longest = [-(-size[a] // strides[a]) for a in range(n)]
+    parts = []
+    for phase in itertools.product(*(range(s) for s in strides)):
+        if any(r >= k for r, k in zip(phase, taps)):  # no tap reads this phase
+            parts.append(jnp.zeros((*lead, *longest, chans), x.dtype))
+            continue
+        picks = tuple(slice(r, None, s) for r, s in zip(phase, strides))
+        span = [len(range(r, size[a], strides[a])) for a, r in enumerate(phase)]
+
+        def form(xp, picks=picks):
+            y = _conv(numerics, xp, kernel[picks], [(0, 0)] * n)
+            return y[(...,) + tuple(slice(0, o) for o in out) + (slice(None),)]
+
+        gp, = jax.linear_transpose(form, jax.ShapeDtypeStruct((*lead, *span, chans), x.dtype))(g)
+        parts.append(jnp.pad(gp, [(0, 0)] * len(lead)
+                             + [(0, m - s) for m, s in zip(longest, span)] + [(0, 0)]))
+    # (phases..., lead..., longest..., C) -> lead..., (longest_a, stride_a)..., C
+    stacked = jnp.stack(parts).reshape(*strides, *lead, *longest, chans)
+    nl = len(lead)
+    perm = [n + i for i in range(nl)]
+    for a in range(n):
+        perm += [n + nl + a, a]
+    y = stacked.transpose(*perm, n + nl + n).reshape(*lead, *(m * s for m, s in zip(longest, strides)), chans)
+    keep = tuple(slice(lo, lo + x.shape[nl + a]) for a, (lo, _) in enumerate(padding))
+    return y[(...,) + keep + (slice(None),)]
+
+
 def _split_grad_conv_bwd(padding, strides, numerics, residuals, g):
     x, kernel = residuals
     if strides is None:
-        form = lambda x: _conv(numerics, x, kernel, padding)  # noqa: E731
+        gx, = jax.linear_transpose(lambda x: _conv(numerics, x, kernel, padding), x)(g)
     else:
-        form = lambda x: _phase_split(x, kernel, padding, strides, numerics)  # noqa: E731
-    gx, = jax.linear_transpose(form, x)(g)
+        gx = _phase_input_grad(x, kernel, padding, strides, numerics, g)
     return gx, _kernel_grad(numerics, x, kernel, padding, g, strides)
 
 

@@ -72,6 +72,19 @@ class LinearHead(nnx.Module):
         return self.model["1"](x)
 
 
+def max_pool2(x: jax.Array) -> jax.Array:
+    """torch's MaxPool2d(2, 2) of (N, H, W, C): an odd last row or column is dropped.
+
+    A max over a reshape, not `lax.reduce_window`: autodiff of the window max made XLA:CPU
+    build an s32 index array per input axis at the input's size (4 x 570 MB for the first
+    pool over 34 frames of 256x256, alive at the paper-width train step's peak); a reduce
+    max's gradient needs only the input and the result. They differ only where a window
+    holds equal maxima (the gradient is split between them instead of sent to one)."""
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def unit_normalize(f: jax.Array) -> jax.Array:
     """The CV-VAE copy's `normalize_tensor`. lpips 0.1.4 leaves the eps out of the sqrt,
     which changes values by ~1e-10 but gives NaN gradients at an all-zero feature
@@ -106,7 +119,7 @@ class LPIPS(nnx.Module):
         h, out = h.astype(self.dtype), []
         for stage, (_, indices) in enumerate(VGG16_STAGES):
             if stage:
-                h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+                h = max_pool2(h)
             for i in indices:
                 h = jax.nn.relu(self.features[str(i)](h))
             out.append(unit_normalize(h.astype(jnp.float32)))
@@ -122,12 +135,15 @@ class LPIPS(nnx.Module):
             raise ValueError(f"LPIPS needs H and W >= {MIN_SIZE} (VGG16 pools 4 times before "
                              f"relu5_3); got {x.shape[-3:-1]}")
         lead, n = x.shape[:-3], int(np.prod(x.shape[:-3]))
-        # One VGG pass over both batches: half the program of two passes, bigger convs.
-        both = jnp.concatenate([x.reshape(n, *x.shape[-3:]), y.reshape(n, *y.shape[-3:])])
+        # A VGG pass per side, not one over both batches: in training only y (the
+        # reconstruction) takes a gradient, and autodiff of a joint pass keeps both
+        # halves' activations for the backward pass (2 x 544 MiB more at relu1_2 alone for
+        # a 17x256x256 clip).
         total = jnp.zeros(n, jnp.float32)
         heads = (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
-        for f, head in zip(self.taps(both), heads):
-            total = total + head((f[:n] - f[n:]) ** 2).mean(axis=(1, 2, 3))
+        taps = zip(self.taps(x.reshape(n, *x.shape[-3:])), self.taps(y.reshape(n, *y.shape[-3:])))
+        for (fx, fy), head in zip(taps, heads):
+            total = total + head((fx - fy) ** 2).mean(axis=(1, 2, 3))
         return total.reshape(lead)
 
 

@@ -105,11 +105,12 @@ def test_nearest2x_conv_refuses_other_convs():
     (3, 16, (3, 3), layers.same_pads(2, 1, layers.ZEROS)),     # 2D, image VAE / LPIPS
     (8, 8, (1, 1, 1), layers.same_pads(3, 0, layers.ZEROS)),   # 1x1x1 moments
 ])
-def test_few_channel_convs_run_as_matmuls_with_the_same_numbers(cin, cout, kernel, pads):
+def test_few_channel_convs_run_as_matmuls_with_the_same_numbers_and_gradients(cin, cout, kernel, pads):
     conv = randomise_bias(layers.Conv(cin, cout, kernel, pads, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, cin)[-len(kernel) - 2:])
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(conv_forms.matmul_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
+    assert_same_gradients(conv_forms.matmul_conv, conv, x)  # few outputs: its custom VJP
 
 
 @pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE),
@@ -129,6 +130,9 @@ STRIDED = {
     "image vae (2D)": lambda r: ImageKit(jnp.float32, jnp.float32).down(6, False, r),
     "discriminator conv_in (RGB)": lambda r: layers.Conv(
         3, 8, (3, 3, 3), layers.same_pads(3, 1, layers.ZEROS), strides=(2, 2, 2), rngs=r),
+    # Fewer taps than the stride: some phases are read by no tap (zero input gradient).
+    "1x1 taps, stride 2": lambda r: layers.Conv(
+        6, 8, (1, 1), layers.same_pads(2, 0, layers.ZEROS), strides=(2, 2), rngs=r),
 }
 
 

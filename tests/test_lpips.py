@@ -200,3 +200,15 @@ def test_bfloat16_compute_is_close(vgg, model):
     got, want = distance(*nnx.split(bf16), x, y), distance(*nnx.split(model), x, y)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=5e-2)
+
+
+def test_max_pool2_is_torch_maxpool_with_the_same_gradient():
+    # Odd H and W: torch drops the last row / column. Random normal values: no tied maxima.
+    x = np.random.default_rng(0).standard_normal((2, 7, 6, 3)).astype(np.float32)
+    want = F.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(lpips.max_pool2(jnp.asarray(x)), want)
+    w = jax.random.normal(jax.random.key(1), want.shape)
+    got = jax.grad(lambda x: (lpips.max_pool2(x) * w).sum())(jnp.asarray(x))
+    ref = jax.grad(lambda x: (nnx.max_pool(x[:, :6], (2, 2), strides=(2, 2)) * w).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(got, ref)
+    assert np.count_nonzero(got) == w.size and not np.any(got[:, 6])
