@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import remat
+
 if TYPE_CHECKING:
     from .layers import Conv
 
@@ -299,7 +301,7 @@ def check_nearest2x(conv: "Conv") -> None:
 def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 conv with at most FEW_CHANNELS input or output channels."""
     k = conv.kernel[...]
-    *taps, cin, cout = k.shape
+    *taps, _, cout = k.shape
     if cout <= FEW_CHANNELS:
         return _add_bias(conv, _tap_sum_conv(x, k, tuple(conv.pads), _Numerics(conv.dtype, conv.precision)))
     xp = pad_input(x, conv.pads).astype(conv.dtype)
@@ -352,10 +354,9 @@ def _tap_sum_conv_bwd(pads, numerics, residuals, g):
     x, k = residuals
     taps = k.shape[:-2]
     n = len(taps)
-    # Tied to g (as in `remat`), or CSE merges this pad with the forward's and the padded
-    # copy stays alive from the forward pass to here.
-    tied = x + (g.reshape(-1)[0] * 0).astype(x.dtype)
-    xp, pad_vjp = jax.vjp(lambda x: pad_input(x, pads).astype(numerics.dtype), tied)
+    # Tied to g, or CSE merges this pad with the forward's and the padded copy stays alive
+    # from the forward pass to here.
+    xp, pad_vjp = jax.vjp(lambda x: pad_input(x, pads).astype(numerics.dtype), remat.tie(x, g))
     out = _valid_size(xp, taps)
     lead = [(0, 0)] * (g.ndim - n - 1)
     dy = jnp.stack([jnp.pad(g, lead + [(o, p - o - s) for o, s, p in zip(off, out, xp.shape[-n - 1:-1])]

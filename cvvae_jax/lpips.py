@@ -76,8 +76,8 @@ def max_pool2(x: jax.Array) -> jax.Array:
     """torch's MaxPool2d(2, 2) of (N, H, W, C): an odd last row or column is dropped.
 
     A max over a reshape, not `lax.reduce_window`: autodiff of the window max made XLA:CPU
-    build an s32 index array per input axis at the input's size (4 x 570 MB for the first
-    pool over 34 frames of 256x256, alive at the paper-width train step's peak); a reduce
+    build an s32 index array per input axis at the input's size (4 x 570 MB alive together
+    for the first pool over 34 frames of 256x256 in the paper-width train step); a reduce
     max's gradient needs only the input and the result. They differ only where a window
     holds equal maxima (the gradient is split between them instead of sent to one)."""
     n, h, w, c = x.shape
@@ -137,8 +137,8 @@ class LPIPS(nnx.Module):
         lead, n = x.shape[:-3], int(np.prod(x.shape[:-3]))
         # A VGG pass per side, not one over both batches: in training only y (the
         # reconstruction) takes a gradient, and autodiff of a joint pass keeps both
-        # halves' activations for the backward pass (2 x 544 MiB more at relu1_2 alone for
-        # a 17x256x256 clip).
+        # halves' activations for the backward pass (for a 17x256x256 clip, 544 MiB
+        # buffers of 34 frames at relu1_2 where the 17 of y need 272 MiB).
         total = jnp.zeros(n, jnp.float32)
         heads = (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
         taps = zip(self.taps(x.reshape(n, *x.shape[-3:])), self.taps(y.reshape(n, *y.shape[-3:])))

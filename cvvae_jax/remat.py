@@ -50,7 +50,9 @@ def resolve(name: str) -> Remat:
         raise ValueError(f"{e}, or {BLOCKS!r} (per-block, cvvae_jax.remat)") from None
 
 
-def _tie(x: jax.Array, ct: jax.Array) -> jax.Array:
+def tie(x: jax.Array, ct: jax.Array) -> jax.Array:
+    """x, made to depend on one element of the cotangent `ct`: a recomputation from it can
+    neither be merged into the forward pass by CSE nor be scheduled before `ct` exists."""
     return x + (ct.reshape(-1)[0] * 0).astype(x.dtype)
 
 
@@ -65,7 +67,7 @@ def _fwd(run, params, x):
 
 def _bwd(run, residuals, ct):
     params, x = residuals
-    _, vjp = jax.vjp(run, params, _tie(x, ct))
+    _, vjp = jax.vjp(run, params, tie(x, ct))
     return vjp(ct)
 
 

@@ -203,7 +203,7 @@ def test_bfloat16_compute_is_close(vgg, model):
 
 
 def test_max_pool2_is_torch_maxpool_with_the_same_gradient():
-    # Odd H and W: torch drops the last row / column. Random normal values: no tied maxima.
+    # An odd H: torch drops the last row. Random normal values: no tied maxima.
     x = np.random.default_rng(0).standard_normal((2, 7, 6, 3)).astype(np.float32)
     want = F.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(lpips.max_pool2(jnp.asarray(x)), want)
