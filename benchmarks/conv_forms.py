@@ -3,6 +3,7 @@ without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's 
 
     python benchmarks/conv_forms.py [--shape 5x128x128x128 ...] [--runs 3] [--json PATH]
     python benchmarks/conv_forms.py --shape 17x256x256x3x128 --options package  # conv_in
+    python benchmarks/conv_forms.py --options package --dtype fp32,bf16  # bf16 compute
 
 `--shape TxHxWxC[xO]` is the conv's input and its output channels (default O = C, as in
 the resnet blocks); the defaults are the decoder's widths at 17x256x256 with fewer
@@ -11,8 +12,8 @@ frames. Forms: `3d` is XLA's 3D convolution, `time loop` is
 `conv_forms.FEW_CHANNELS` inputs also `time fold` (`conv_forms.time_fold_conv`, the
 taps stacked on channels) and `matmul` (`conv_forms.matmul_conv`). Options: `default`
 compiles with XLA's defaults, `package` with `compiler_options()` (on CPU: convolutions
-kept out of YNNPACK). All forms run in one process, so run it on an otherwise idle
-machine.
+kept out of YNNPACK). `--dtype` is the layer's compute dtype (parameters stay fp32).
+All forms run in one process, so run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 from common import csv_list, fmt, machine, machine_line, table, time_runs, write_json
 
 DEFAULT_SHAPES = ["5x128x128x128", "5x64x64x256", "5x32x32x512"]
+DTYPES = ("fp32", "bf16")
 
 
 def parse_args(argv=None):
@@ -29,15 +31,20 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append",
                    help="TxHxWxC[xO] (repeat); default: " + ", ".join(DEFAULT_SHAPES))
     p.add_argument("--options", default="default,package", type=csv_list)
+    p.add_argument("--dtype", default="fp32", type=csv_list, help="fp32 and/or bf16")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if unknown := set(args.dtype) - set(DTYPES):
+        p.error(f"--dtype {', '.join(sorted(unknown))}: choose from {', '.join(DTYPES)}")
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -56,29 +63,33 @@ def main(argv=None) -> None:
     for text in args.shape or DEFAULT_SHAPES:
         t, h, w, c, *out = (int(v) for v in text.lower().split("x"))
         o = out[0] if out else c
-        conv = layers.Conv(c, o, (3, 3, 3), layers.causal_pads(1, layers.ZEROS), rngs=nnx.Rngs(0))
-        graphdef, state = nnx.split(conv)
         x = jax.random.normal(jax.random.key(0), (1, t, h, w, c))
         flops = 2 * 27 * c * o * t * h * w
         reference = None
         shape_forms = forms | (few_input_forms if c <= conv_forms.FEW_CHANNELS else {})
-        for option in args.options:
-            for form, fn in shape_forms.items():
-                f = jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x),
-                            compiler_options=options[option])
-                y = np.asarray(f(state, x))
-                reference = y if reference is None else reference
-                times = time_runs(lambda: f(state, x), warmup=args.warmup, runs=args.runs)
-                best = min(times)
-                results.append({"shape": text, "options": option, "form": form, "times_s": times,
-                                "gflop_s": flops / best / 1e9,
-                                "max_abs_diff": float(np.abs(y - reference).max())})
-                rows.append([text, option, form, fmt(best, ".3f"), fmt(flops / best / 1e9, ".1f"),
-                             fmt(results[-1]["max_abs_diff"], ".1e")])
-            print(f"{text} {option}: done", flush=True)
+        for dtype in args.dtype:
+            conv = layers.Conv(c, o, (3, 3, 3), layers.causal_pads(1, layers.ZEROS),
+                               dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32,
+                               rngs=nnx.Rngs(0))
+            graphdef, state = nnx.split(conv)
+            for option in args.options:
+                for form, fn in shape_forms.items():
+                    f = jax.jit(lambda s, x, fn=fn: fn(nnx.merge(graphdef, s), x),
+                                compiler_options=options[option])
+                    y = np.asarray(f(state, x), np.float32)
+                    reference = y if reference is None else reference
+                    times = time_runs(lambda: f(state, x), warmup=args.warmup, runs=args.runs)
+                    best = min(times)
+                    results.append({"shape": text, "dtype": dtype, "options": option, "form": form,
+                                    "times_s": times, "gflop_s": flops / best / 1e9,
+                                    "max_abs_diff": float(np.abs(y - reference).max())})
+                    rows.append([text, dtype, option, form, fmt(best, ".3f"),
+                                 fmt(flops / best / 1e9, ".1f"), fmt(results[-1]["max_abs_diff"], ".1e")])
+                print(f"{text} {dtype} {option}: done", flush=True)
     print(f"min of {args.runs} run(s) after {args.warmup} warm-up; "
           "GFLOP/s = 2 x 27 x C x O x T x H x W / time")
-    print(table(["input TxHxWxC[xO]", "options", "form", "min s", "GFLOP/s", "max |diff| vs first"], rows))
+    print(table(["input TxHxWxC[xO]", "dtype", "options", "form", "min s", "GFLOP/s",
+                 "max |diff| vs first"], rows))
     write_json(args.json, {"machine": mach, "results": results})
 
 

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import conv_forms, data, dtypes, losses, media, metrics, remat, sharding
+from . import conv_forms, data, dtypes, host_memory, losses, media, metrics, remat, sharding
 from .discriminator import NLayerDiscriminator3D
 from .flops import jaxpr_flops
 from .image_vae import ImageVAE
@@ -272,6 +272,9 @@ class Trainer:
             traced = self._step.trace(state, self.frozen, x, self.key)
             compiled = traced.lower().compile()
             flops = float(jaxpr_flops(traced.jaxpr))
+            # Before the first step allocates its temporaries: on a CPU backend the heap
+            # the compiler freed would otherwise stay resident beside them.
+            host_memory.release_freed_heap()
             logger.info("compiled the step for batch %s in %.1f s (%.3g FLOP/step)", shape,
                         time.perf_counter() - t, flops)
             self._compiled[shape] = (compiled, flops)
