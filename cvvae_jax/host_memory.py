@@ -1,11 +1,11 @@
 """Give the host heap that a compile freed back to the operating system.
 
-XLA compiles on its own threads, and glibc keeps what those threads free in its
-per-thread arenas instead of returning it. On a CPU backend the compiled program's
-buffers are host memory too, but XLA allocates its large ones with mmap, so they
-never reuse that kept heap: compiling the paper-width train step (17x256x256, fp32)
-left 1.4 GiB of it resident before the step's 17 GiB of temporaries (measured with
-/proc/self/status; `malloc_trim` took the RSS from 6.40 to 4.98 GiB).
+glibc's free() returns memory to the OS only from the top of a heap, so memory that
+XLA's compiler frees can stay resident. On a CPU backend the compiled program's buffers
+are host memory as well, but allocations that large are mmap'd afresh and never reuse
+that heap: after compiling the paper-width train step (17x256x256, fp32) the process
+held 6.40 GiB, and `malloc_trim` took it to 4.98 GiB before the step's 17 GiB of
+temporaries (RSS read from /proc/self/status).
 """
 
 from __future__ import annotations
