@@ -22,8 +22,9 @@ import argparse
 
 from common import csv_list, fmt, machine, machine_line, table, time_runs, write_json
 
+from cvvae_jax import dtypes
+
 DEFAULT_SHAPES = ["5x128x128x128", "5x64x64x256", "5x32x32x512"]
-DTYPES = ("fp32", "bf16")
 
 
 def parse_args(argv=None):
@@ -31,14 +32,12 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append",
                    help="TxHxWxC[xO] (repeat); default: " + ", ".join(DEFAULT_SHAPES))
     p.add_argument("--options", default="default,package", type=csv_list)
-    p.add_argument("--dtype", default="fp32", type=csv_list, help="fp32 and/or bf16")
+    p.add_argument("--dtype", default=["float32"], type=lambda t: [dtypes.arg()(v) for v in csv_list(t)],
+                   help="compute dtypes, comma-separated (fp32, bf16)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json")
-    args = p.parse_args(argv)
-    if unknown := set(args.dtype) - set(DTYPES):
-        p.error(f"--dtype {', '.join(sorted(unknown))}: choose from {', '.join(DTYPES)}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
         shape_forms = forms | (few_input_forms if c <= conv_forms.FEW_CHANNELS else {})
         for dtype in args.dtype:
             conv = layers.Conv(c, o, (3, 3, 3), layers.causal_pads(1, layers.ZEROS),
-                               dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32,
+                               dtype=jnp.dtype(dtype),
                                rngs=nnx.Rngs(0))
             graphdef, state = nnx.split(conv)
             for option in args.options:

@@ -21,13 +21,13 @@ def _malloc_trim():
     if name is None:
         return None
     # musl and non-Linux C libraries have no malloc_trim; nothing to give back there.
-    return getattr(ctypes.CDLL(name), "malloc_trim", None)
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_freed_heap() -> bool:
     """Return glibc's free heap pages to the OS (`malloc_trim(0)`); False where there is none."""
     trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    return trim is not None and bool(trim(0))
