@@ -28,7 +28,11 @@ spatial tiling of the config around one jitted network call per piece:
 - GFLOP: the network's convolutions and matmuls (`cvvae_jax.flops`: 2 x multiply-adds,
   loops counted per trip, which XLA's cost analysis does not), summed over the pieces;
   elementwise work, tile blending and chunk concatenation are not counted (a tiny part).
-Frames/s counts pixel frames (T per call) for both directions.
+Frames/s counts pixel frames (T per call) for both directions. MFU = GFLOP/s / the
+device's peak (--peak-tflops, or its dense bf16 peak on the GPUs and TPUs that
+`cvvae_jax.flops.peak_tflops` knows, whatever --dtype is; n/a on CPU); the FLOPs are those the
+network runs, so the decoder's upsamplers count their 2x2 phase convs
+(`conv_forms.nearest2x_conv`), not the 3x3 convs of the literal network.
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ CONFIGS = {
     "default": common.ROOT / "tests" / "fixtures" / "reference" / "cvvae_v1_default_config.json",
     "tiny": common.ROOT / "tests" / "fixtures" / "cvvae_v1_tiny" / "config.json",
 }
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DEFAULT_SHAPES = ("17x256x256", "17x576x1024")
 DIRECTIONS = ("encode", "decode")
 
@@ -86,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", action="append", type=parse_shape, default=None,
                    help="T x H x W, repeatable (default: 17x256x256 and 17x576x1024)")
     p.add_argument("--dtype", default="fp32,bf16", help="compute dtypes, comma-separated")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for the MFU (default: known GPUs' and TPUs' dense bf16 peak)")
     p.add_argument("--direction", default="encode,decode", help="encode, decode or both")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tile", type=parse_optional_int, default=None,
@@ -106,11 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latents", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or [parse_shape(s) for s in DEFAULT_SHAPES]
-    args.dtypes = common.csv_list(args.dtype)
+    args.dtypes = common.dtype_list(p, args.dtype)
     args.directions = common.csv_list(args.direction)
-    for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"--dtype {d!r}: choose from {', '.join(DTYPES)}")
     for d in args.directions:
         if d not in DIRECTIONS:
             p.error(f"--direction {d!r}: choose from {', '.join(DIRECTIONS)}")
@@ -181,7 +183,7 @@ def clip_batch(args) -> np.ndarray:
 def run_case(args) -> dict:
     (t, h, w), = args.shape
     dtype_name, = args.dtypes
-    vae = build(args, DTYPES[dtype_name])
+    vae = build(args, jnp.dtype(dtype_name))
     cfg = vae.config
     encode = args.case in ("encode", "prepare")
     if encode:
@@ -306,6 +308,7 @@ def main(argv=None) -> None:
 
 def report(args, results: list[dict]) -> None:
     mach = common.print_machine(results)
+    peak, peak_src = common.peak_tflops(args.peak_tflops, mach)
     print(describe_model(args))
     params = next((r["params"] for r in results if "params" in r), None)
     print(f"{params / 1e6:.1f} M parameters; " if params else "", end="")
@@ -314,8 +317,9 @@ def report(args, results: list[dict]) -> None:
     print(f"batch {args.batch}; input: frames of clip_a.mp4; decode input: {decode_in}; median and "
           f"min of {args.runs} run(s) after the first call and {args.warmup} warm-up; each case in "
           "its own process")
+    print(common.mfu_line(peak, peak_src, 1))
     headers = ["shape TxHxW", "dtype", "direction", "pieces", "compile (s)", "first call (s)",
-               "median (s)", "min (s)", "frames/s", "GFLOP", "GFLOP/s", "peak RSS (MiB)",
+               "median (s)", "min (s)", "frames/s", "GFLOP", "GFLOP/s", "MFU", "peak RSS (MiB)",
                "peak device (MiB)", "PSNR (dB)"]
     rows = []
     for r in results:
@@ -334,16 +338,18 @@ def report(args, results: list[dict]) -> None:
             common.fmt(r["min_s"], ".3g"), common.fmt(r["batch"] * t / secs, ".3g"),
             common.fmt(gflop, ".4g"),
             common.fmt(None if gflop is None else gflop / secs, ".4g"),
+            common.fmt(None if gflop is None or not peak else gflop / secs / (peak * 1e3), ".1%"),
             common.fmt(r["peak_rss_mib"], ".0f"), common.fmt(r["device_peak_mib"], ".0f"),
             common.fmt(r.get("psnr_db"), ".2f", none=""),
         ])
     print(common.table(headers, rows))
     by = {(r["shape"], r["dtype"]): r.get("psnr_db") for r in results if r.get("direction") == "decode"}
     for shape in dict.fromkeys(r["shape"] for r in results):
-        a, b = by.get((shape, "fp32")), by.get((shape, "bf16"))
+        a, b = by.get((shape, "float32")), by.get((shape, "bfloat16"))
         if a is not None and b is not None:
             print(f"{shape}: PSNR bf16 - fp32 = {b - a:+.3f} dB (round trip in each dtype)")
-    common.write_json(args.json, {"benchmark": "codec", "machine": mach, "model": describe_model(args),
+    common.write_json(args.json, {"benchmark": "codec", "machine": mach, "peak_tflops": peak,
+                                  "model": describe_model(args),
                                   "args": {k: v for k, v in vars(args).items()
                                            if k not in ("case", "latents")},
                                   "results": results})

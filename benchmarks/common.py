@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cvvae_jax import assets, media  # noqa: E402
+from cvvae_jax import assets, dtypes, flops, media  # noqa: E402
 
 RESULT_PREFIX = "RESULT "
 CLIP = "clip_a.mp4"
@@ -175,3 +175,26 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def dtype_list(parser, text: str) -> list[str]:
+    """Comma-separated compute dtypes as numpy names (fp32/bf16 accepted); a parser error otherwise."""
+    try:
+        return [dtypes.canonical(d, what="") for d in csv_list(text)]
+    except ValueError as e:
+        parser.error(f"--dtype {str(e).strip()}")
+
+
+def peak_tflops(given: float | None, mach: dict[str, Any] | None) -> tuple[float | None, str]:
+    """The per-device peak for MFU and where it came from: --peak-tflops, else the device's
+    dense bf16 peak (`cvvae_jax.flops.peak_tflops`; None on CPU)."""
+    if given is not None:
+        return given, "--peak-tflops"
+    if mach is None or mach["backend"] == "cpu":
+        return None, ""
+    return flops.peak_tflops(mach["device_kind"]), "dense bf16 peak of the device"
+
+
+def mfu_line(peak: float | None, source: str, devices: int) -> str:
+    return "MFU: " + (f"against {peak:g} TFLOP/s per device ({source}) x {devices}" if peak else
+                      "n/a (no peak known for this device; pass --peak-tflops)")

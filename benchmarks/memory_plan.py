@@ -20,11 +20,13 @@ import argparse
 from collections import Counter
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import common
-from codec import DTYPES, build, model_config, parse_optional_int, parse_shape, piece_shapes
+from codec import build, model_config, parse_optional_int, parse_shape, piece_shapes
+from cvvae_jax import dtypes
 from cvvae_jax.pretrained import jitted_part
 
 GIB = 2**30
@@ -42,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=parse_shape, default=(61, 576, 1024), help="T x H x W (pixels)")
     p.add_argument("--direction", choices=("encode", "decode"), default="decode")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--dtype", type=dtypes.arg(), default="float32", help="compute dtype: fp32 or bf16")
     p.add_argument("--config", default="default")
     p.add_argument("--weights", default=None)
     p.add_argument("--subfolder", default=None)
@@ -58,7 +60,7 @@ def main() -> None:
     else:
         full_in = (args.batch, 1 + (t - 1) // cfg.time_factor, h // cfg.space_factor,
                    w // cfg.space_factor, cfg.latent_channels)
-    dtype = DTYPES[args.dtype]
+    dtype = jnp.dtype(args.dtype)
     vae = nnx.eval_shape(lambda: build(args, dtype))
     graphdef, state = nnx.split(vae)
     fn = jitted_part(graphdef, "encode_moments" if encode else "decode_latents")

@@ -30,8 +30,9 @@ step's convolutions and matmuls (`cvvae_jax.flops`, as `Trainer.compiled_step` c
 them: generator and discriminator forward and backward, the image VAE, LPIPS; with
 remat the recomputed forward is counted too, so the MFU becomes a hardware-FLOPs
 utilisation). MFU = FLOP/s / (peak x devices); the
-peak defaults to the device's dense bf16 tensor-core peak (989 TFLOP/s for H100 SXM
-and H200, 756 for H100 PCIe) whatever --dtype is, and is n/a on CPU unless given.
+peak defaults to the device's dense bf16 peak (`cvvae_jax.flops.peak_tflops`: 989 TFLOP/s
+for H100 SXM and H200, 756 for H100 PCIe, TPUs v4 to v6e) whatever --dtype is, and is
+n/a on CPU unless given.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from cvvae_jax.image_vae import ImageVAE  # noqa: E402
 from cvvae_jax.lpips import LPIPS  # noqa: E402
 from cvvae_jax.model_config import ImageVAEConfig  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 IMAGE_VAE = {
     "paper": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                   down_block_types=("DownEncoderBlock2D",) * 4,
@@ -65,8 +65,6 @@ IMAGE_VAE = {
                   down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2),
 }
-# Dense bf16 tensor-core peaks (TFLOP/s) by device kind, most specific first.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,11 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.dtypes = common.csv_list(args.dtype)
+    args.dtypes = common.dtype_list(p, args.dtype)
     args.remats = common.csv_list(args.remat)
-    for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"--dtype {d!r}: choose from {', '.join(DTYPES)}")
     for r in args.remats:
         try:
             remat.resolve(r)
@@ -122,7 +117,7 @@ def train_config(args, tmp: Path):
         "tiny" if args.widths == "tiny" else "")
     dtype, = args.dtypes
     c.remat, = args.remats
-    c.model.dtype = DTYPES[dtype]
+    c.model.dtype = dtype
     c.image_vae.path, c.image_vae.subfolder = str(random_image_vae(args.widths, tmp)), ""
     c.loss.lpips_vgg_path = ""
     if args.lpips == "random":
@@ -192,15 +187,6 @@ def run_case(args) -> dict:
 # -- the parent ----------------------------------------------------------------------------
 
 
-def default_peak(device_kind: str, backend: str) -> float | None:
-    if backend == "cpu":
-        return None
-    for name, peak in PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return peak
-    return None
-
-
 def child_argv(args, dtype: str, remat_name: str) -> list[str]:
     return ["--case", "--widths", args.widths, "--frames", str(args.frames), "--size", str(args.size),
             "--batch-per-device", str(args.batch_per_device), "--dtype", dtype, "--remat", remat_name,
@@ -227,10 +213,7 @@ def main(argv=None) -> None:
 
 def report(args, results: list[dict]) -> None:
     mach = common.print_machine(results)
-    peak = args.peak_tflops
-    peak_src = "--peak-tflops"
-    if peak is None and mach:
-        peak, peak_src = default_peak(mach["device_kind"], mach["backend"]), "dense bf16 peak of the device"
+    peak, peak_src = common.peak_tflops(args.peak_tflops, mach)
     ok = next((r for r in results if "error" not in r), None)
     if ok:
         lp = (f"LPIPS with a random VGG16 trunk (weight {ok['perceptual_weight']})"
@@ -243,8 +226,7 @@ def report(args, results: list[dict]) -> None:
                                         "rates from the first step (--runs 0)")
               + "; each case in its own process")
     n_dev = mach["device_count"] if mach else 1
-    print("MFU: " + (f"against {peak:g} TFLOP/s per device ({peak_src}) x {n_dev}" if peak else
-                     "n/a (no peak known for this device; pass --peak-tflops)"))
+    print(common.mfu_line(peak, peak_src, n_dev))
     headers = ["dtype", "remat", "compile (s)", "first step (s)", "median step (s)", "min step (s)",
                "examples/s", "frames/s", "TFLOP/step", "TFLOP/s", "MFU", "peak RSS (MiB)",
                "peak device (MiB)", "skipped steps"]

@@ -17,6 +17,7 @@ Variants (`configs/cvvae.py:<variant>`):
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from cvvae_jax import assets, data
 
@@ -57,7 +58,9 @@ def base() -> ml_collections.ConfigDict:
     c.sample_every = 1000
     c.tensorboard = True
     c.max_nonfinite_in_row = 10
-    c.peak_tflops_per_device = 0.0  # set (e.g. 989 for an H100 in bf16) to log MFU
+    # MFU's denominator. None: the device's dense bf16 peak where cvvae_jax.flops.peak_tflops
+    # knows it (H100, H200, A100, TPU v4-v6e), else no MFU; 0 turns it off.
+    c.peak_tflops_per_device = config_dict.placeholder(float)
     return c
 
 

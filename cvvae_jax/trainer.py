@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import conv_forms, data, dtypes, host_memory, losses, media, metrics, remat, sharding
 from .discriminator import NLayerDiscriminator3D
-from .flops import jaxpr_flops
+from .flops import jaxpr_flops, peak_tflops
 from .image_vae import ImageVAE
 from .lpips import load_lpips
 from .metrics_log import MetricsLog
@@ -315,7 +315,12 @@ class Trainer:
             log.write(0, before)
             write_samples(self.workdir / "samples", 0, clips)
 
-        peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
+        per_device = config.peak_tflops_per_device
+        if per_device is None:
+            per_device = peak_tflops(jax.devices()[0].device_kind) or 0.0
+        if per_device:
+            logger.info("MFU against a peak of %g TFLOP/s per device", per_device)
+        peak = per_device * 1e12 * jax.device_count()
         # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
         bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                    disable=jax.process_index() != 0, dynamic_ncols=True,

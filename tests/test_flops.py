@@ -52,3 +52,14 @@ def test_loops_count_every_trip_conds_their_costliest_branch_and_grads_the_backw
     assert flops.flops(branches, a, b, True) == matmul + 2 * 8 * 4 * 16 + matmul
     # d/da and d/db of sum(a @ b): the forward matmul and two for the cotangents.
     assert flops.flops(jax.grad(lambda a, b: (a @ b).sum(), argnums=(0, 1)), a, b) == 3 * matmul
+
+
+def test_peak_tflops_by_device_kind():
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert flops.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert flops.peak_tflops("TPU v5 lite") == 197.0
+    assert flops.peak_tflops("TPU v5") == 459.0
+    # A TPU kind must match whole: v4 lite is not v4.
+    assert flops.peak_tflops("TPU v4 lite") is None
+    assert flops.peak_tflops("cpu") is None

@@ -243,8 +243,10 @@ def test_fsdp_on_8_devices_matches_one_device(env, reference, tmp_path):
 
 def test_block_remat_matches_the_reference(env, reference, tmp_path):
     """`config.remat=blocks` recomputes every block of the CV-VAE and the image VAE in the
-    backward pass: the same metrics as the reference run, which keeps the activations."""
-    run = Run("remat", tmp_path / "run", env, image_vae_flag(env), "--config.remat=blocks")
+    backward pass: the same metrics as the reference run, which keeps the activations.
+    Given a peak, it also logs the MFU; the reference, on a CPU with no peak given, does not."""
+    run = Run("remat", tmp_path / "run", env, image_vae_flag(env), "--config.remat=blocks",
+              "--config.peak_tflops_per_device=0.001")
     run.check()
     reference_done(reference)
     got, want = train_rows(run.workdir), train_rows(reference.workdir)
@@ -253,6 +255,12 @@ def test_block_remat_matches_the_reference(env, reference, tmp_path):
         for k, v in want[step].items():
             np.testing.assert_allclose(got[step][k], v, rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {step} {k}")
+    perf = [row for row in map(json.loads, (run.workdir / "metrics.jsonl").open()) if "perf/mfu" in row]
+    assert perf, run.log()
+    for row in perf:
+        rate = row["perf/flops_per_step"] / row["perf/step_time_s"]
+        np.testing.assert_allclose(row["perf/mfu"], rate / 1e9, rtol=1e-9)
+    assert not any("perf/mfu" in line for line in (reference.workdir / "metrics.jsonl").open())
 
 
 def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
