@@ -72,9 +72,15 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def on_cpu() -> bool:
+    """Whether the CPU forms apply: the default backend is a CPU. Every CPU-only choice of
+    this module asks here, so a test can run the accelerators' forms on a CPU."""
+    return jax.default_backend() == "cpu"
+
+
 def compiler_options() -> dict[str, str] | None:
     """The `jax.jit(..., compiler_options=...)` for this package's models on the default backend."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    return dict(CPU_COMPILER_OPTIONS) if on_cpu() else None
 
 
 def pad_input(x: jax.Array, pads, modes=(ZEROS, EDGE)) -> jax.Array:
@@ -264,7 +270,7 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     k = k.reshape(*taps, cin, 4 * cout)
     if use_time_loop(conv):
         y = _time_loop(conv, x, k, conv.pads)
-    elif jax.default_backend() == "cpu":
+    elif on_cpu():
         y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), k, tuple(zero_pads(conv.pads)), None,
                              _Numerics(conv.dtype, conv.precision))
     else:
@@ -490,10 +496,10 @@ def use_time_fold(conv: "Conv") -> bool:
 
 def use_strided_conv(conv: "Conv") -> bool:
     """Whether a conv should run as `strided_conv`: strided, on CPU."""
-    return not unit_strides(conv) and jax.default_backend() == "cpu"
+    return not unit_strides(conv) and on_cpu()
 
 
 def use_time_loop(conv: "Conv") -> bool:
     """Whether a 3D conv should run as `time_loop_conv`: stride 1, more than one time tap, on CPU."""
     return (len(conv.kernel_size) == 3 and conv.kernel_size[0] > 1 and unit_strides(conv)
-            and jax.default_backend() == "cpu")
+            and on_cpu())
