@@ -392,6 +392,16 @@ def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     return _add_bias(conv, y)
 
 
+def _strided_out(padded_size, taps, strides) -> list[int]:
+    """Output size per axis of a VALID strided conv of the already padded input."""
+    return [(size - k) // s + 1 for size, k, s in zip(padded_size, taps, strides)]
+
+
+def _crop(y: jax.Array, out) -> jax.Array:
+    """A phase's stride-1 conv output cut to the strided conv's output size."""
+    return y[(...,) + tuple(slice(0, o) for o in out) + (slice(None),)]
+
+
 def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) -> jax.Array:
     """The strided conv as a sum over stride phases: along an axis of stride s, phase r reads
     every s-th element of the zero-padded x from r, with the kernel taps r, r + s, ...; each
@@ -401,12 +411,11 @@ def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) ->
     lead = [(0, 0)] * (x.ndim - n - 1)
     x = jnp.pad(x, lead + list(padding) + [(0, 0)])
     taps = kernel.shape[:n]
-    out = [(x.shape[x.ndim - n - 1 + a] - taps[a]) // strides[a] + 1 for a in range(n)]
+    out = _strided_out(x.shape[x.ndim - n - 1:-1], taps, strides)
     y = None
     for phase in itertools.product(*(range(min(s, k)) for s, k in zip(strides, taps))):
         picks = tuple(slice(r, None, s) for r, s in zip(phase, strides))
-        part = _conv(numerics, x[(...,) + picks + (slice(None),)], kernel[picks], [(0, 0)] * n)
-        part = part[(...,) + tuple(slice(0, o) for o in out) + (slice(None),)]
+        part = _crop(_conv(numerics, x[(...,) + picks + (slice(None),)], kernel[picks], [(0, 0)] * n), out)
         y = part if y is None else y + part
     return y
 
@@ -433,7 +442,7 @@ def _phase_input_grad(x: jax.Array, kernel: jax.Array, padding, strides, numeric
     lead, chans = x.shape[: x.ndim - n - 1], x.shape[-1]
     size = [x.shape[len(lead) + a] + lo + hi for a, (lo, hi) in enumerate(padding)]
     taps = kernel.shape[:n]
-    out = [(size[a] - taps[a]) // strides[a] + 1 for a in range(n)]
+    out = _strided_out(size, taps, strides)
     longest = [-(-size[a] // strides[a]) for a in range(n)]
     parts = []
     for phase in itertools.product(*(range(s) for s in strides)):
@@ -444,8 +453,7 @@ def _phase_input_grad(x: jax.Array, kernel: jax.Array, padding, strides, numeric
         span = [len(range(r, size[a], strides[a])) for a, r in enumerate(phase)]
 
         def form(xp, picks=picks):
-            y = _conv(numerics, xp, kernel[picks], [(0, 0)] * n)
-            return y[(...,) + tuple(slice(0, o) for o in out) + (slice(None),)]
+            return _crop(_conv(numerics, xp, kernel[picks], [(0, 0)] * n), out)
 
         gp, = jax.linear_transpose(form, jax.ShapeDtypeStruct((*lead, *span, chans), x.dtype))(g)
         parts.append(jnp.pad(gp, [(0, 0)] * len(lead)
