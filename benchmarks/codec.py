@@ -306,6 +306,12 @@ def main(argv=None) -> None:
     report(args, results)
 
 
+def call_seconds(r: dict) -> float:
+    """The case's time per call: the median, or with --runs 0 the first call, whose eager
+    blending ops compile inside it (seconds against the hours such a case runs)."""
+    return r["median_s"] if r["median_s"] is not None else r["first_call_s"]
+
+
 def report(args, results: list[dict]) -> None:
     mach = common.print_machine(results)
     peak, peak_src = common.peak_tflops(args.peak_tflops, mach)
@@ -329,9 +335,7 @@ def report(args, results: list[dict]) -> None:
             continue
         t = int(r["shape"].split("x")[0])
         gflop = None if r["flops"] is None else r["flops"] / 1e9
-        # With --runs 0 the first call is the only timing; its eager blending ops compile
-        # inside it, which is seconds against the hours such a case runs.
-        secs = r["median_s"] if r["median_s"] is not None else r["first_call_s"]
+        secs = call_seconds(r)
         rows.append([
             r["shape"], r["dtype"], r["direction"], r["pieces"], common.fmt(r["compile_s"], ".1f"),
             common.fmt(r["first_call_s"], ".3g"), common.fmt(r["median_s"], ".3g"),
@@ -343,11 +347,17 @@ def report(args, results: list[dict]) -> None:
             common.fmt(r.get("psnr_db"), ".2f", none=""),
         ])
     print(common.table(headers, rows))
-    by = {(r["shape"], r["dtype"]): r.get("psnr_db") for r in results if r.get("direction") == "decode"}
+    ok = {(r["shape"], r["direction"], r["dtype"]): r for r in results if "error" not in r}
     for shape in dict.fromkeys(r["shape"] for r in results):
-        a, b = by.get((shape, "float32")), by.get((shape, "bfloat16"))
-        if a is not None and b is not None:
-            print(f"{shape}: PSNR bf16 - fp32 = {b - a:+.3f} dB (round trip in each dtype)")
+        both = {d: (ok.get((shape, d, "float32")), ok.get((shape, d, "bfloat16"))) for d in DIRECTIONS}
+        parts = [f"{d} fp32 / bf16 time = {call_seconds(a) / call_seconds(b):.2f}x"
+                 for d, (a, b) in both.items() if a and b]
+        a, b = both["decode"]
+        if a and b and a.get("psnr_db") is not None and b.get("psnr_db") is not None:
+            parts.append(f"PSNR bf16 - fp32 = {b['psnr_db'] - a['psnr_db']:+.3f} dB (round trip in "
+                         "each dtype)")
+        if parts:
+            print(f"{shape}: " + "; ".join(parts))
     common.write_json(args.json, {"benchmark": "codec", "machine": mach, "peak_tflops": peak,
                                   "model": describe_model(args),
                                   "args": {k: v for k, v in vars(args).items()
