@@ -187,10 +187,10 @@ def dtype_list(parser, text: str) -> list[str]:
 
 def peak_tflops(given: float | None, mach: dict[str, Any] | None) -> tuple[float | None, str]:
     """The per-device peak for MFU and where it came from: --peak-tflops, else the device's
-    dense bf16 peak (`cvvae_jax.flops.peak_tflops`; None on CPU)."""
+    dense bf16 peak (`cvvae_jax.flops.peak_tflops`, which knows none for a CPU)."""
     if given is not None:
         return given, "--peak-tflops"
-    if mach is None or mach["backend"] == "cpu":
+    if mach is None:
         return None, ""
     return flops.peak_tflops(mach["device_kind"]), "dense bf16 peak of the device"
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import csv_list, fmt, machine, machine_line, table, time_runs, write_json
-
-from cvvae_jax import dtypes
+from common import csv_list, dtype_list, fmt, machine, machine_line, table, time_runs, write_json
 
 DEFAULT_SHAPES = ["5x128x128x128", "5x64x64x256", "5x32x32x512"]
 
@@ -32,12 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append",
                    help="TxHxWxC[xO] (repeat); default: " + ", ".join(DEFAULT_SHAPES))
     p.add_argument("--options", default="default,package", type=csv_list)
-    p.add_argument("--dtype", default=["float32"], type=lambda t: [dtypes.arg()(v) for v in csv_list(t)],
-                   help="compute dtypes, comma-separated (fp32, bf16)")
+    p.add_argument("--dtype", default="fp32", help="compute dtypes, comma-separated (fp32, bf16)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dtype = dtype_list(p, args.dtype)
+    return args
 
 
 def main(argv=None) -> None:
