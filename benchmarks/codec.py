@@ -32,7 +32,7 @@ Frames/s counts pixel frames (T per call) for both directions. MFU = GFLOP/s / t
 device's peak (--peak-tflops, or its dense bf16 peak on the GPUs and TPUs that
 `cvvae_jax.flops.peak_tflops` knows, whatever --dtype is; n/a on CPU); the FLOPs are those the
 network runs, so the decoder's upsamplers count their 2x2 phase convs
-(`conv_forms.nearest2x_conv`), not the 3x3 convs of the literal network.
+(`upsample.nearest2x_conv`), not the 3x3 convs of the literal network.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Where encode and decode spend their time: each block of the network timed on its own.
 
     python benchmarks/stages.py [--shape 17x256x256] [--directions encode,decode] \
-        [--official-code /path/to/CV-VAE] [--json PATH]
+        [--dtype fp32[,bf16]] [--official-code /path/to/CV-VAE] [--json PATH]
 
 Walks the v1 CV-VAE (default config, random weights) block by block: conv_in, every
 resnet block, attention, down/upsampler, mid, and norm_out + conv_out. Each block is
 jitted on its own (compile excluded: one untimed call first), fed the previous
-block's output, and timed --runs times (median). With --official-code, the official
+block's output, and timed --runs times (median), once per compute --dtype (parameters
+stay fp32; with two dtypes the table adds their ratio per block). With --official-code, the official
 PyTorch model runs the same walk in its own process (same block names: ours mirror the
 official state-dict keys) and the table gets its column and the ratio per block. The
 blocks are the profile `codec.py`'s whole-network figure hides: the sum here is close
@@ -23,8 +24,8 @@ import os
 import statistics
 from pathlib import Path
 
-from common import (csv_list, emit, fmt, machine, print_machine, run_child, table, time_runs,
-                    write_json)
+from common import (csv_list, dtype_list, emit, fmt, machine, print_machine, run_child, table,
+                    time_runs, write_json)
 from codec import CONFIGS, parse_shape
 
 DEFAULT_CONFIG = CONFIGS["default"]
@@ -72,9 +73,9 @@ def run_ours(args) -> list[dict]:
     from cvvae_jax.vae import CVVAE
 
     cfg = CVVAEConfig.from_dict(json.loads(Path(DEFAULT_CONFIG).read_text()))
-    vae = CVVAE.from_config(cfg, dtype=jnp.float32, seed=0)
+    vae = CVVAE.from_config(cfg, dtype=jnp.dtype(args.dtype), seed=0)
     net = vae.encoder if args.direction == "encode" else vae.decoder
-    x = jax.random.normal(jax.random.key(0), input_shape(args.direction, args.shape))
+    x = jax.random.normal(jax.random.key(0), input_shape(args.direction, args.shape)).astype(args.dtype)
     # With the options every jit of the package passes (conv_forms.compiler_options).
     jit = functools.partial(jax.jit, compiler_options=conv_forms.compiler_options())
 
@@ -83,7 +84,7 @@ def run_ours(args) -> list[dict]:
 
     def out(graphdef, state, x):
         norm, conv = nnx.merge(graphdef, state)
-        return conv(jax.nn.silu(norm(x)))
+        return conv(norm(x, jax.nn.silu))
 
     rows = []
     for name, block in walk(net, args.direction, official=False):
@@ -130,6 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=parse_shape, default=(17, 256, 256), help="T x H x W")
     p.add_argument("--directions", type=csv_list, default=["encode", "decode"])
+    p.add_argument("--dtype", default="fp32", help="compute dtypes, comma-separated (fp32, bf16)")
     p.add_argument("--official-code", help="a checkout of AILab-CVC/CV-VAE: add its column")
     p.add_argument("--runs", type=int, default=1, help="timed calls per block (after one untimed)")
     p.add_argument("--json")
@@ -137,45 +139,58 @@ def main() -> None:
     p.add_argument("--direction", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
+        args.dtype = dtype_list(p, args.dtype)[0]
         rows = run_ours(args) if args.case == "ours" else run_official(args)
         return emit({"rows": rows, "machine": machine()})
+    dtypes = dtype_list(p, args.dtype)
     results = {}
     for direction in args.directions:
         base = ["--direction", direction, "--shape", "x".join(map(str, args.shape)),
                 "--runs", str(args.runs)]
-        results[direction] = {"ours": run_child(Path(__file__), ["--case", "ours", *base])}
+        results[direction] = {"ours": {d: run_child(Path(__file__), ["--case", "ours", "--dtype", d, *base])
+                                       for d in dtypes}}
         if args.official_code:
             results[direction]["official"] = run_child(
                 Path(__file__), ["--case", "official", "--official-code", args.official_code, *base])
-    print_machine([r for d in results.values() for r in d.values()])
+    print_machine([r for d in results.values() for r in [*d["ours"].values(), d.get("official", {})]])
     for direction, res in results.items():
-        print(f"\n{direction} {'x'.join(map(str, args.shape))}, fp32, median of {args.runs}")
+        print(f"\n{direction} {'x'.join(map(str, args.shape))}, median of {args.runs}; the official code is fp32")
         print(report(res))
     write_json(args.json, {"shape": list(args.shape), "runs": args.runs, "results": results})
 
 
 def report(res) -> str:
+    """Per block: our time per dtype, the first dtype's over the second's, the official time and
+    ours (first dtype) over it."""
     ours, official = res["ours"], res.get("official")
-    if "error" in ours:
-        return f"ours: {ours['error']}"
+    errors = [f"ours {d}: {r['error']}" for d, r in ours.items() if "error" in r]
+    if errors:
+        return "; ".join(errors)
+    dtypes = list(ours)
+    first = ours[dtypes[0]]["rows"]
+    times = {d: {r["stage"]: r["s"] for r in ours[d]["rows"]} for d in dtypes}
     theirs = {r["stage"]: r["s"] for r in official.get("rows", [])} if official else {}
-    headers = ["stage", "input (B, T, H, W, C)", "ours s"]
+    headers = ["stage", "input (B, T, H, W, C)", *(f"ours {d} s" for d in dtypes)]
+    if len(dtypes) == 2:
+        headers.append(f"{dtypes[0]} / {dtypes[1]}")
     if official:
-        headers += ["official s", "ours / official"]
-    rows = []
-    for r in ours["rows"]:
-        row = [r["stage"], "x".join(map(str, r["input"])), fmt(r["s"], ".2f")]
+        headers += ["official s", f"ours {dtypes[0]} / official"]
+
+    def cells(stage, mine, o):
+        row = [fmt(t, ".2f") for t in mine]
+        if len(mine) == 2:
+            row.append(fmt(mine[0] / mine[1] if mine[1] else None, ".2f"))
         if official:
-            o = theirs.get(r["stage"])
-            row += [fmt(o, ".2f"), fmt(r["s"] / o if o else None, ".2f")]
-        rows.append(row)
-    total = sum(r["s"] for r in ours["rows"])
-    last = ["total", "", fmt(total, ".1f")]
-    if official:
-        o_total = sum(theirs.values()) if theirs else None
-        last += [fmt(o_total, ".1f"), fmt(total / o_total if o_total else None, ".2f")]
-        if "error" in official:
-            last[3] = official["error"]
+            row += [fmt(o, ".2f"), fmt(mine[0] / o if o else None, ".2f")]
+        return row
+
+    rows = [[r["stage"], "x".join(map(str, r["input"])),
+             *cells(r["stage"], [times[d][r["stage"]] for d in dtypes], theirs.get(r["stage"]))]
+            for r in first]
+    totals = [sum(times[d].values()) for d in dtypes]
+    last = ["total", "", *cells("total", totals, sum(theirs.values()) if theirs else None)]
+    if official and "error" in official:
+        last[-2] = official["error"]
     return table(headers, rows + [last])
 
 

@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import remat
+from . import remat, shifted_matmul
 
 if TYPE_CHECKING:
     from .layers import Conv
@@ -76,6 +76,13 @@ def on_cpu() -> bool:
     """Whether the CPU forms apply: the default backend is a CPU. Every CPU-only choice of
     this module asks here, so a test can run the accelerators' forms on a CPU."""
     return jax.default_backend() == "cpu"
+
+
+def use_shifted_matmul(dtype) -> bool:
+    """Whether stride-1 convs computed in `dtype` run as bf16 matmuls (`shifted_matmul`): bf16
+    compute on a CPU with AMX, where XLA:CPU's convolutions run in f32 but its bf16 matmuls
+    do not. Their gradients keep this module's forms."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and on_cpu() and shifted_matmul.has_amx()
 
 
 def compiler_options() -> dict[str, str] | None:
@@ -122,7 +129,7 @@ def unit_strides(conv: "Conv") -> bool:
 
 def _conv(conv, x: jax.Array, kernel: jax.Array, padding, strides=None) -> jax.Array:
     """A conv (stride 1 unless `strides`) of channels-last x (any leading batch axes) in the
-    dtype and precision of `conv` (a Conv or `_Numerics`), no bias."""
+    dtype and precision of `conv` (a Conv or `Numerics`), no bias."""
     n = kernel.ndim - 2
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
@@ -156,8 +163,8 @@ def _kernel_grad(numerics, x: jax.Array, kernel: jax.Array, padding, g: jax.Arra
     return gk
 
 
-class _Numerics(NamedTuple):
-    """What `_conv` reads of a Conv, hashable: a static argument of `_time_loop`'s VJP."""
+class Numerics(NamedTuple):
+    """What `_conv` reads of a Conv, hashable: a static argument of the custom VJPs."""
     dtype: Any
     precision: Any
 
@@ -166,40 +173,83 @@ def _time_loop(conv: "Conv", x: jax.Array, kernel: jax.Array, pads) -> jax.Array
     """The stride-1 3D conv of unpadded x by `kernel` with the (lo, hi, mode) `pads`, no bias,
     as a loop over output frames: per frame, one 2D conv per time tap, summed and written
     into the output in place."""
-    return _time_loop_fn(x, kernel, tuple(pads), _Numerics(conv.dtype, conv.precision))
+    return _time_loop_fn(x, kernel, tuple(pads), Numerics(conv.dtype, conv.precision))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _time_loop_fn(x, kernel, pads, numerics):
-    # The time padding is read from x (a clamped frame index reads the edge frame, a
-    # masked one zeros) and the space padding is applied per frame, so no padded copy
-    # of x is made.
-    (lo, hi, mode), space = pads[0], pads[1:]
-    taps = kernel.shape[0]
+def frame_reader(x: jax.Array, pads) -> Callable[[jax.Array], jax.Array]:
+    """`read(i)`: frame i of x (time axis x.ndim - 4) padded in time by pads[0] = (lo, hi, mode),
+    so frame 0 is the first of the lo padding, with its edge pads in space applied (zero pads
+    are left to the conv). The time padding is read from x (a clamped frame index reads the
+    edge frame, a masked one zeros), so no padded copy of x is made. Frames keep their time
+    axis (length 1)."""
+    (lo, _, mode), space = pads[0], pads[1:]
     axis = x.ndim - 4
     length = x.shape[axis]
+    bits = _bits(x)
 
-    def padded_frame(i):
+    def read(i):
         j = i - lo
         # Clamped into x: the edge frame. (dynamic_slice would wrap a negative start around.)
-        f = lax.dynamic_slice_in_dim(x, jnp.clip(j, 0, length - 1), 1, axis)
+        f = lax.dynamic_slice_in_dim(bits, jnp.clip(j, 0, length - 1), 1, axis)
+        f = lax.bitcast_convert_type(f, x.dtype)
         if mode == ZEROS:
             f = jnp.where((j >= 0) & (j < length), f, jnp.zeros((), f.dtype))
         return pad_input(f, space, (EDGE,))
 
-    def taps_of(t):
-        return sum(_conv(numerics, padded_frame(t + d), kernel[d], zero_pads(space)) for d in range(taps))
+    return read
 
-    def frame(t, out):
-        return lax.dynamic_update_slice_in_dim(out, taps_of(t), t, axis)
 
-    # The first frame, zero-padded to all of them, is the buffer the loop writes into: a
-    # zeros buffer would be one constant that XLA shares between the loops and copies
-    # for each, a whole output more.
-    first = taps_of(0)
-    frames = length + lo + hi - taps + 1
-    out = jnp.pad(first, [(0, 0)] * axis + [(0, frames - 1)] + [(0, 0)] * (first.ndim - axis - 1))
-    return lax.fori_loop(1, frames, frame, out)
+def frame_loop(frames: int, produce: Callable[[jax.Array], jax.Array], axis: int, step: int = 1,
+               first: jax.Array | None = None) -> jax.Array:
+    """`concatenate([first, *(produce(t) for t in range(1, frames))], axis)`, each piece written in
+    place by a loop; `first` defaults to produce(0). Every produce(t) is `step` long on `axis`,
+    `first` may be shorter."""
+    # The first piece, zero-padded to the whole, is the buffer the loop writes into: a zeros
+    # buffer would be one constant that XLA shares between the loops and copies for each, a
+    # whole output more.
+    first = produce(0) if first is None else first
+    start = first.shape[axis]
+    out = jnp.pad(_bits(first), [(0, 0)] * axis + [(0, (frames - 1) * step)] + [(0, 0)] * (first.ndim - axis - 1))
+    out = lax.fori_loop(1, frames, lambda t, o: lax.dynamic_update_slice_in_dim(
+        o, _bits(produce(t)), start + (t - 1) * step, axis), out)
+    return lax.bitcast_convert_type(out, first.dtype)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A bf16 (or f16) x as its bits, other arrays as they are. XLA:CPU carries no bf16 array
+    into a loop: it converts each to an f32 copy first, converted back where the loop reads
+    it (a 1.1 GB copy written twice after the decoder's last upsampler at 17x256x256, 3.5 s
+    of a 30 s bf16 decode). Bits it carries as they are. Converting the bits back to floats
+    folds into the consumer's fusion, and a loop's bits are the next loop's without a copy."""
+    if x.dtype.itemsize >= 4:
+        return x
+    return lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+
+
+def time_frames(length: int, pads, taps: int) -> int:
+    """Output frames of a stride-1 conv with `taps` time taps over `length` frames padded by pads[0]."""
+    return length + pads[0][0] + pads[0][1] - taps + 1
+
+
+def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dtype=None) -> jax.Array:
+    """`sum_d conv2d(frames[d], kernel[d])` with the zero pads of `pads` in space: bf16 matmuls
+    (`shifted_matmul`) where they apply, else one XLA conv per tap. In `out_dtype`
+    (default: the compute dtype); the matmul form sums in f32 and rounds once."""
+    space = zero_pads(pads)[-2:]
+    if use_shifted_matmul(numerics.dtype):
+        y = shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision)
+    else:
+        y = sum(_conv(numerics, f, kernel[d], space) for d, f in enumerate(frames))
+    return y.astype(out_dtype or numerics.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _time_loop_fn(x, kernel, pads, numerics):
+    read = frame_reader(x, pads)
+    taps = kernel.shape[0]
+    return frame_loop(time_frames(x.shape[-4], pads, taps),
+                      lambda t: frame_taps_conv([read(t + d) for d in range(taps)], kernel, pads, numerics),
+                      x.ndim - 4)
 
 
 def _time_taps(x: jax.Array, pads, taps: int) -> list[jax.Array]:
@@ -244,76 +294,18 @@ def _add_bias(conv: "Conv", y: jax.Array, repeat: int = 1) -> jax.Array:
     return y + jnp.tile(conv.bias[...], repeat).astype(conv.dtype)
 
 
-def _phase_taps(k: jax.Array, axis: int) -> jax.Array:
-    """3 taps (w0, w1, w2) along `axis` -> 2 taps per output phase, stacked on a new last-but-one
-    axis: phase 0 reads rows (m-1, m) with (w0, w1 + w2), phase 1 rows (m, m+1) with (w0 + w1, w2)."""
-    w0, w1, w2 = (lax.index_in_dim(k, i, axis) for i in range(3))
-    even = jnp.concatenate([w0, w1 + w2], axis)
-    odd = jnp.concatenate([w0 + w1, w2], axis)
-    return jnp.stack([even, odd], axis=-2)
-
-
-def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
-    """`conv(x repeated 2x in H and W)` for a stride-1 conv whose last two axes are 3x3 padded by one.
-
-    With `up_time=n` the conv's n*C outputs are n frames of C channels (torch
-    `rearrange(x, "b (n c) t h w -> b c (t n) h w")`) and the first output frame
-    is dropped: 1 + k frames become 1 + n*k.
-    """
-    check_nearest2x(conv)
-    k = conv.kernel[...]  # (..., 3, 3, I, O)
-    n = k.ndim - 2
-    k = _phase_taps(k, n - 2)  # (..., 2, 3, I, 2, O)
-    k = _phase_taps(k, n - 1)  # (..., 2, 2, I, 2, 2, O)
-    *taps, cin, _, _, cout = k.shape
-    # Padding x by one (zeros or edge) is padding the upsampled image by one.
-    k = k.reshape(*taps, cin, 4 * cout)
-    if use_time_loop(conv):
-        y = _time_loop(conv, x, k, conv.pads)
-    elif on_cpu():
-        y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), k, tuple(zero_pads(conv.pads)), None,
-                             _Numerics(conv.dtype, conv.precision))
-    else:
-        y = _conv(conv, pad_input(x, conv.pads, (EDGE,)), k, zero_pads(conv.pads))
-    y = _add_bias(conv, y, 4)
-    *lead, hp, wp, _ = y.shape
-    h, w = hp - 1, wp - 1
-    c = cout // up_time
-    y = y.reshape(*lead, hp, wp, 2, 2, up_time, c)
-    # Each phase lands on its strided positions by interior padding, and the padded
-    # phases are summed (exact: every output element gets one phase's value plus
-    # zeros). XLA fuses pads and adds into one loop, so the full-resolution result
-    # is written once; stacking, transposing and slicing the phases wrote it up to three times.
-    # Negative low time padding drops frame 0's first phase, the dropped first frame.
-    zero = jnp.zeros((), y.dtype)
-    out = None
-    for pt in range(up_time):
-        time = [] if up_time == 1 else [(pt - 1, up_time - 1 - pt, up_time - 1)]
-        lead_pads = [(0, 0, 0)] * (len(lead) - len(time)) + time
-        for py, px in itertools.product((0, 1), (0, 1)):
-            phase = y[..., py:py + h, px:px + w, py, px, pt, :]
-            phase = lax.pad(phase, zero, lead_pads + [(py, 1 - py, 1), (px, 1 - px, 1), (0, 0, 0)])
-            out = phase if out is None else out + phase
-    return out
-
-
-def check_nearest2x(conv: "Conv") -> None:
-    k, pads = conv.kernel_size, conv.pads
-    if k[-2:] != (3, 3) or any(p[:2] != (1, 1) for p in pads[-2:]) or not unit_strides(conv):
-        raise ValueError(f"nearest2x_conv needs a stride-1 3x3 conv padded by one in space, "
-                         f"got kernel {k}, pads {pads}, strides {conv.strides}")
-
-
 def matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 conv with at most FEW_CHANNELS input or output channels."""
     k = conv.kernel[...]
     *taps, _, cout = k.shape
     if cout <= FEW_CHANNELS:
-        return _add_bias(conv, _tap_sum_conv(x, k, tuple(conv.pads), _Numerics(conv.dtype, conv.precision)))
+        return _add_bias(conv, _tap_sum_conv(x, k, tuple(conv.pads), Numerics(conv.dtype, conv.precision)))
     xp = pad_input(x, conv.pads).astype(conv.dtype)
     out = _valid_size(xp, taps)
     cols = jnp.concatenate([_window(xp, off, out) for off in _offsets(taps)], axis=-1)
-    return _add_bias(conv, jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision))
+    y = jnp.dot(cols, k.reshape(-1, cout).astype(conv.dtype), precision=conv.precision,
+                preferred_element_type=jnp.float32)
+    return _add_bias(conv, y.astype(conv.dtype))
 
 
 def _offsets(taps) -> list[tuple[int, ...]]:
@@ -338,13 +330,16 @@ def _tap_matrix(k: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _tap_sum_conv(x, k, pads, numerics):
     # Every input pixel's contribution to every tap at once (one matmul), then each output
-    # sums its taps' shifted slices.
+    # sums its taps' shifted slices. Summed in f32 (the accumulation of every matmul form
+    # here): XLA:CPU runs a bf16 matmul with a bf16 result as an f32 one, with an f32 result
+    # on the CPU's bf16 units (YNNPACK).
     taps = k.shape[:-2]
     xp = pad_input(x, pads).astype(numerics.dtype)
-    y = jnp.dot(xp, _tap_matrix(k).astype(numerics.dtype), precision=numerics.precision)
+    y = jnp.dot(xp, _tap_matrix(k).astype(numerics.dtype), precision=numerics.precision,
+                preferred_element_type=jnp.float32)
     y = y.reshape(*y.shape[:-1], -1, k.shape[-1])
     out = _valid_size(xp, taps)
-    return sum(_window(y[..., i, :], off, out) for i, off in enumerate(_offsets(taps)))
+    return sum(_window(y[..., i, :], off, out) for i, off in enumerate(_offsets(taps))).astype(numerics.dtype)
 
 
 def _tap_sum_conv_fwd(x, k, pads, numerics):
@@ -369,7 +364,7 @@ def _tap_sum_conv_bwd(pads, numerics, residuals, g):
                             + [(0, 0)]) for off in _offsets(taps)], axis=-2)
     dy = dy.reshape(*dy.shape[:-2], -1).astype(numerics.dtype)
     kmat = _tap_matrix(k).astype(numerics.dtype)
-    dxp = jnp.dot(dy, kmat.T, precision=numerics.precision)
+    dxp = jnp.dot(dy, kmat.T, precision=numerics.precision, preferred_element_type=jnp.float32)
     dkmat = jnp.dot(xp.reshape(-1, xp.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
                     precision=numerics.precision, preferred_element_type=jnp.float32)
     dk = dkmat.reshape(k.shape[-2], -1, k.shape[-1]).transpose(1, 0, 2).reshape(k.shape)
@@ -386,7 +381,7 @@ def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     on its fast path. The gradients of the strided conv itself are dilated convs: 9.8 s
     against a 0.53 s forward for the encoder's 128-channel time-and-space downsampler at
     17x128x128 (input gradient), 9.3 s against 0.08 s for the discriminator's first conv."""
-    numerics = _Numerics(conv.dtype, conv.precision)
+    numerics = Numerics(conv.dtype, conv.precision)
     y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
                          tuple(conv.strides), numerics)
     return _add_bias(conv, y)
@@ -423,8 +418,27 @@ def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) ->
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _split_grad_conv(x, kernel, padding, strides, numerics):
     # `_conv` (strides None: stride 1) with the gradients XLA:CPU runs fast: a strided
-    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`.
+    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`. A stride-1
+    # bf16 one runs as `shifted_matmul` where that applies.
+    if strides is None and use_shifted_matmul(numerics.dtype):
+        return _frames_conv(x, kernel, padding, numerics)
     return _conv(numerics, x, kernel, padding, strides)
+
+
+def _frames_conv(x: jax.Array, kernel: jax.Array, padding, numerics: Numerics) -> jax.Array:
+    """A stride-1 conv of x (..., H, W, C) by a 2D kernel, or a 3D one with one unpadded time
+    tap, frame by frame (every leading index a frame): one frame's temporaries alive at a time."""
+    if kernel.ndim == 5:
+        if kernel.shape[0] != 1 or tuple(padding[0]) != (0, 0):
+            raise ValueError(f"a frame-by-frame conv needs one unpadded time tap, got kernel "
+                             f"{kernel.shape[:3]} padded {padding}")
+        kernel, padding = kernel[0], padding[1:]
+    *lead, h, w, c = x.shape
+    frames = x.reshape(-1, h, w, c)
+    pads = ((0, 0, ZEROS),) + tuple((lo, hi, ZEROS) for lo, hi in padding)
+    read = frame_reader(frames, pads)
+    out = frame_loop(frames.shape[0], lambda t: frame_taps_conv([read(t)], kernel[None], pads, numerics), 0)
+    return out.reshape(*lead, *out.shape[1:])
 
 
 def _split_grad_conv_fwd(x, kernel, padding, strides, numerics):
@@ -479,6 +493,38 @@ def _split_grad_conv_bwd(padding, strides, numerics, residuals, g):
 
 
 _split_grad_conv.defvjp(_split_grad_conv_fwd, _split_grad_conv_bwd)
+
+
+def shifted_matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
+    """`conv(x)` for a stride-1 2D conv, or a 3D one with one time tap, as `shifted_matmul.conv`
+    frame by frame, with the gradients of `_split_grad_conv`."""
+    y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
+                         None, Numerics(conv.dtype, conv.precision))
+    return _add_bias(conv, y)
+
+
+def padded_conv(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics) -> jax.Array:
+    """The stride-1 conv of unpadded x by `kernel` with the (lo, hi, mode) `pads`, no bias, in the
+    form this backend runs fastest: on CPU the time loop for 3D kernels with time taps, else
+    the conv with `_split_grad_conv`'s gradients."""
+    if kernel.ndim == 5 and kernel.shape[0] > 1 and on_cpu():
+        return _time_loop_fn(x, kernel, tuple(pads), numerics)
+    xe = pad_input(x, pads, (EDGE,))
+    if on_cpu():
+        return _split_grad_conv(xe, kernel, tuple(zero_pads(pads)), None, numerics)
+    return _conv(numerics, xe, kernel, zero_pads(pads))
+
+
+def padded_conv_grads(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics,
+                      g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The (x, kernel) cotangents of `padded_conv` on CPU for its output cotangent g: its custom
+    VJPs' rules, so no forward pass is traced for `cvvae_jax.flops` to count."""
+    if kernel.ndim == 5 and kernel.shape[0] > 1:
+        return _time_loop_bwd(tuple(pads), numerics, (x, kernel), g)
+    xe, pad_vjp = jax.vjp(lambda x: pad_input(x, pads, (EDGE,)), x)
+    gxe, gk = _split_grad_conv_bwd(tuple(zero_pads(pads)), None, numerics, (xe, kernel), g)
+    gx, = pad_vjp(gxe)
+    return gx, gk
 
 
 def time_loop_conv(conv: "Conv", x: jax.Array) -> jax.Array:

@@ -124,10 +124,10 @@ class ResnetBlockDown3D(nnx.Module):
         self.downsample = downsample
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, jax.nn.silu))
         if self.downsample:
             h, x = _pool_2x(h), _pool_2x(x)
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, jax.nn.silu))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h

@@ -84,7 +84,7 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, jax.nn.silu))
 
 
 class Decoder(nnx.Module):
@@ -114,7 +114,7 @@ class Decoder(nnx.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return jax.nn.silu(self.conv_norm_out(x))
+        return self.conv_norm_out(x, jax.nn.silu)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         return self.conv_out(self.features(z))

@@ -94,7 +94,7 @@ class Encoder(nnx.Module):
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x, jax.nn.silu))
 
 
 class Decoder(nnx.Module):
@@ -129,7 +129,7 @@ class Decoder(nnx.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return jax.nn.silu(self.norm_out(x))
+        return self.norm_out(x, jax.nn.silu)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         return self.conv_out(self.features(z))

@@ -9,7 +9,7 @@ from jax import lax
 
 from conftest import FIXTURES
 
-from cvvae_jax import CVVAE, conv_forms, layers
+from cvvae_jax import CVVAE, conv_forms, layers, upsample
 from cvvae_jax.pretrained import jitted_part
 from cvvae_jax.conv_kits import ImageKit, SD3Kit, V1Kit
 
@@ -73,11 +73,11 @@ def test_nearest2x_conv_equals_conv_of_the_upsampled_input(kit):
     shape = (2, 7, 6, 5) if len(conv.kernel_size) == 2 else (2, 3, 7, 6, 5)
     x = jax.random.normal(jax.random.key(1), shape)
     want = literal(conv, nearest2x(x))
-    got = conv_forms.nearest2x_conv(conv, x)
+    got = upsample.nearest2x_conv(conv, x)
     assert got.shape == want.shape == shape[:-3] + (14, 12, conv.out_features)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Its kernel gradient comes from a zero-padded copy of x (`conv_forms._kernel_grad`).
-    assert_same_gradients(conv_forms.nearest2x_conv, conv, x, lambda c, x: literal(c, nearest2x(x)))
+    assert_same_gradients(upsample.nearest2x_conv, conv, x, lambda c, x: literal(c, nearest2x(x)))
 
 
 @pytest.mark.parametrize("kit", [k for k in KITS if "time-doubling" in k or "causal" in k])
@@ -85,9 +85,36 @@ def test_nearest2x_conv_unfolds_time_and_drops_the_first_frame(kit):
     conv = randomise_bias(KITS[kit](nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (2, 3, 7, 6, 5))
     want = unfold_time(literal(conv, nearest2x(x)), 2)[:, 1:]
-    got = conv_forms.nearest2x_conv(conv, x, up_time=2)
+    got = upsample.nearest2x_conv(conv, x, up_time=2)
     assert got.shape == want.shape == (2, 5, 14, 12, conv.out_features // 2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kit", KITS)
+@pytest.mark.parametrize("up_time", [1, 2])
+def test_frame_by_frame_upsampler_equals_the_whole_clip_one(kit, up_time):
+    """The form bf16 convs on CPUs with AMX take (`upsample._frame_by_frame`), here with f32 XLA
+    convs per frame: the same numbers and gradients as the whole-clip form."""
+    conv = randomise_bias(KITS[kit](nnx.Rngs(0)))
+    if up_time == 2 and not ("time-doubling" in kit or "causal" in kit):
+        pytest.skip("this upsampler does not unfold time")
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6, 5) if len(conv.kernel_size) == 2 else (2, 3, 7, 6, 5))
+    numerics = conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST)
+    args = (upsample.phase_kernel(conv.kernel[...]), conv.bias[...])
+    rest = (tuple(conv.pads), up_time, numerics)
+
+    def frames(x, k, b):
+        return upsample._frame_by_frame(x, k, b, *rest)
+
+    def whole(x, k, b):
+        return upsample._whole_clip(x, k, b, *rest)
+
+    np.testing.assert_allclose(frames(x, *args), whole(x, *args), rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.key(2), jax.eval_shape(whole, x, *args).shape)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: (f(*a) * w).sum(), argnums=(0, 1, 2)))(x, *args)
+             for f in (frames, whole)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_nearest2x_conv_refuses_other_convs():
@@ -252,11 +279,11 @@ def test_the_package_jits_leave_groupnorm_sums_to_the_library_on_cpu():
         fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=options)
         return fn.lower(state, x).compile().as_text().split("ENTRY")[1]
 
-    def xla_reductions(hlo):
-        return [line for line in hlo.splitlines() if "wrapped_reduce" in line and " fusion(" in line]
+    def full_size(hlo):  # the fusions that write an array the size of x
+        return [line for line in hlo.splitlines() if " = f32[1,4,64,64,128]" in line and " fusion(" in line]
 
     without = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-    assert xla_reductions(entry(without))  # the check sees XLA's reductions where they run
+    assert len(full_size(entry(without))) == 2  # the squared deviations, then the output
     package = entry(conv_forms.compiler_options())
     assert '"kind":"__ynn_fusion"' in package
-    assert xla_reductions(package) == []
+    assert len(full_size(package)) == 1  # the output alone

@@ -1,0 +1,89 @@
+"""Stride-1 convolutions as bf16 matmuls over shifted windows of flattened frames, for CPUs
+with AMX.
+
+XLA:CPU runs every convolution in f32: its float normalization converts bf16 operands to
+f32 first, so bf16 compute made the model no faster there. Its bf16 x bf16 -> f32 dot
+goes to YNNPACK, which uses the AMX tiles of CPUs that have them: on a 2-core Xeon with
+AMX a 4096^2 bf16 matmul ran at 1167 GFLOP/s against 270 in f32, while XLA's f32 3x3
+convolutions of the model's widths ran at 250-350 (benchmarks/conv_forms.py).
+
+Zero-padded to Hp x Wp and flattened to rows (Hp * Wp, C), a frame's tap (dh, dw) of a
+stride-1 conv reads the rows shifted by dh * Wp + dw: the conv is a sum of matmuls of
+contiguous row windows. Outputs are computed on the padded width (Wp columns, of which
+the first Wo are kept) so that every tap is one window. One axis of taps is stacked on
+the contraction axis, K = taps x C (the time taps of a 3D conv, else the row taps): AMX
+ran K = 128 matmuls at a fifth of its K = 1536 rate. Every other tap is one matmul of
+that stack, whose f32 output the sum reads at the tap's shift, so nothing but the stack
+is copied. Stacking a second axis of taps copied more than it saved: a full im2col ran
+the 128-channel 3x3 conv 2.5x slower than the row stack. Measured against XLA's f32
+convs on 5-frame inputs (GFLOP/s): 3x3 2D convs 569 / 832 / 1046 against 249 / 319 / 342
+at 128 / 256 / 512 channels; 3x3x3 convs 637 / 810 against 275 / 305 (128 / 256
+channels); the decoder's 2x2-tap upsampler phase convs 789 / 873 against 290 / 299.
+
+The forward pass of one frame: `conv_forms` loops it over frames and keeps its own
+gradient forms around it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+CPUINFO = "/proc/cpuinfo"
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether the CPU has AMX bf16 tiles (the `amx_bf16` flag of Linux's /proc/cpuinfo;
+    False where that file does not exist). Without AMX, YNNPACK's bf16 matmuls ran these
+    forms slower than XLA's f32 convolutions (a 2-core AMD EPYC with AVX512_BF16)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=None) -> jax.Array:
+    """`sum_d conv2d(frames[d], kernel[d])`, stride 1, zero `padding` ((lo, hi), (lo, hi)) in H
+    and W: products of operands in `dtype`, summed and returned in f32 (the caller rounds once,
+    after what it adds).
+
+    frames: kt arrays (..., H, W, C) sharing their leading axes; kernel (kt, kh, kw, C, O).
+    """
+    kt, kh, kw, cin, cout = kernel.shape
+    (hlo, hhi), (wlo, whi) = padding
+    *lead, h, w, _ = frames[0].shape
+    hp, wp = h + hlo + hhi, w + wlo + whi
+    ho, wo = hp - kh + 1, wp - kw + 1
+    rows = ho * wp
+    # The last tap's window runs kw - 1 rows past the padded frame: one more zero row.
+    extra = 1 if kw > 1 else 0
+    pads = [(0, 0)] * len(lead) + [(hlo, hhi + extra), (wlo, whi), (0, 0)]
+    bits = jnp.dtype(f"uint{jnp.dtype(dtype).itemsize * 8}")
+    flat = [jnp.pad(lax.bitcast_convert_type(f.astype(dtype), bits), pads).reshape(*lead, (hp + extra) * wp, cin)
+            for f in frames]
+    if kt > 1:
+        span = rows + (kh - 1) * wp + kw - 1
+        parts = [f[..., :span, :] for f in flat]
+        taps = [(dh * wp + dw, kernel[:, dh, dw]) for dh in range(kh) for dw in range(kw)]
+    else:
+        span = rows + kw - 1
+        parts = [flat[0][..., dh * wp:dh * wp + span, :] for dh in range(kh)]
+        taps = [(dw, kernel[0, :, dw]) for dw in range(kw)]
+    stack = parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, span, -1)
+    stack = lax.bitcast_convert_type(stack, dtype)
+    y = None
+    for shift, k in taps:
+        out = jnp.dot(stack, k.reshape(-1, cout).astype(dtype), precision=precision,
+                      preferred_element_type=jnp.float32)
+        out = out[..., shift:shift + rows, :]
+        y = out if y is None else y + out
+    return y.reshape(*lead, ho, wp, cout)[..., :wo, :]

@@ -1,0 +1,200 @@
+"""Convolutions as bf16 matmuls over shifted frame windows (`cvvae_jax.shifted_matmul`): same
+numbers as the literal convolution, chosen only for bf16 on CPUs with AMX, same gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from conftest import FIXTURES, channels_last, rel_err
+from test_conv_forms import literal, nearest2x, randomise_bias
+
+from cvvae_jax import CVVAE, conv_forms, layers, shifted_matmul, upsample
+from cvvae_jax.conv_kits import V1Kit
+from cvvae_jax.pretrained import jitted_part
+
+
+def reference(frames, kernel, padding):
+    """sum_d conv2d(frames[d], kernel[d]) by XLA, in f32 at full precision."""
+    lead = frames[0].shape[:-3]
+    out = 0
+    for f, k in zip(frames, kernel):
+        y = lax.conv_general_dilated(f.reshape(-1, *f.shape[-3:]), k, (1, 1), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=lax.Precision.HIGHEST)
+        out = out + y.reshape(*lead, *y.shape[1:])
+    return out
+
+
+@pytest.mark.parametrize("kernel,padding", [
+    ((3, 3, 3), ((1, 1), (1, 1))),  # 3D: time taps stacked on the contraction axis
+    ((1, 3, 3), ((1, 1), (1, 1))),  # 2D: row taps stacked
+    ((3, 2, 2), ((1, 1), (1, 1))),  # an upsampler's phase conv: the output grows by one
+    ((1, 3, 3), ((0, 1), (2, 0))),  # uneven padding
+    ((1, 1, 1), ((0, 0), (0, 0))),  # 1x1: one matmul, no stack
+    ((2, 1, 3), ((0, 0), (1, 1))),
+])
+def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding):
+    kt, kh, kw = kernel
+    keys = jax.random.split(jax.random.key(0), kt + 1)
+    frames = [jax.random.normal(keys[d], (2, 1, 7, 6, 5)) for d in range(kt)]  # leading axes kept
+    k = jax.random.normal(keys[-1], (*kernel, 5, 9))
+    got = shifted_matmul.frame_conv(frames, k, padding, jnp.float32, lax.Precision.HIGHEST)
+    want = reference(frames, k, padding)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_conv_sums_bf16_products_in_f32():
+    frames = [jax.random.normal(jax.random.key(d), (1, 12, 12, 64)) for d in range(3)]
+    k = jax.random.normal(jax.random.key(9), (3, 3, 3, 64, 32)) / 24
+    got = shifted_matmul.frame_conv([f.astype(jnp.bfloat16) for f in frames], k.astype(jnp.bfloat16),
+                                    ((1, 1), (1, 1)), jnp.bfloat16)
+    rounded = [f.astype(jnp.bfloat16).astype(jnp.float32) for f in frames]
+    want = reference(rounded, k.astype(jnp.bfloat16).astype(jnp.float32), ((1, 1), (1, 1)))
+    assert got.dtype == jnp.float32
+    # bf16 x bf16 products are exact in f32: only the order of the f32 sums differs.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,pads", [
+    ((3, 3), layers.same_pads(2, 1, layers.ZEROS)),
+    ((1, 1, 1), layers.same_pads(3, 0, layers.ZEROS)),
+])
+def test_frames_conv_runs_frame_by_frame_with_the_same_numbers(kernel, pads):
+    conv = layers.Conv(6, 10, kernel, pads, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 9, 7, 6))
+    got = conv_forms._frames_conv(x, conv.kernel[...], conv_forms.zero_pads(pads),
+                                  conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST))
+    np.testing.assert_allclose(got + conv.bias[...], literal(conv, x), rtol=1e-5, atol=1e-5)
+
+
+def test_frames_conv_refuses_3d_kernels_with_time_taps():
+    with pytest.raises(ValueError, match="one unpadded time tap"):
+        conv_forms._frames_conv(jnp.zeros((1, 3, 4, 4, 2)), jnp.zeros((3, 3, 3, 2, 2)),
+                                [(2, 0), (1, 1), (1, 1)], conv_forms.Numerics(jnp.float32, None))
+
+
+def test_has_amx_reads_the_cpu_flags(monkeypatch, tmp_path):
+    for flags, want in (("fpu avx512_bf16 amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", False)):
+        info = tmp_path / f"cpuinfo_{want}"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+        monkeypatch.setattr(shifted_matmul, "CPUINFO", str(info))
+        shifted_matmul.has_amx.cache_clear()
+        assert shifted_matmul.has_amx() is want
+    monkeypatch.setattr(shifted_matmul, "CPUINFO", str(tmp_path / "missing"))
+    shifted_matmul.has_amx.cache_clear()
+    assert shifted_matmul.has_amx() is False
+    shifted_matmul.has_amx.cache_clear()
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """This CPU taken for one with AMX, whatever it has: the forms are plain XLA dots and run
+    anywhere, only their speed needs AMX. The models' jit cache is cleared around it."""
+    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+    jitted_part.cache_clear()
+    yield
+    jitted_part.cache_clear()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+def test_chosen_for_bf16_on_cpus_with_amx_only(monkeypatch):
+    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+    assert conv_forms.use_shifted_matmul(jnp.bfloat16)
+    assert not conv_forms.use_shifted_matmul(jnp.float32)
+    monkeypatch.setattr(conv_forms, "on_cpu", lambda: False)
+    assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
+    monkeypatch.setattr(conv_forms, "on_cpu", lambda: True)
+    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: False)
+    assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
+
+
+def convolutions_and_dots(jaxpr) -> list[tuple[str, str, str, int]]:
+    """(primitive, operand dtype, accumulation dtype, operand's last axis) of every conv and dot,
+    nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            lhs = eqn.invars[0].aval
+            acc = eqn.params.get("preferred_element_type")
+            found.append((eqn.primitive.name, str(lhs.dtype), str(acc), lhs.shape[-1]))
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += convolutions_and_dots(inner)
+    return found
+
+
+BF16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+CONVS = {
+    "3x3x3 causal (time loop)": lambda r: layers.Conv(16, 24, (3, 3, 3), layers.causal_pads(1, layers.ZEROS),
+                                                     rngs=r, **BF16),
+    "3x3 2D": lambda r: layers.conv2d(16, 24, 3, rngs=r, **BF16),
+    "1x1x1 shortcut": lambda r: layers.Conv(16, 24, (1, 1, 1), layers.same_pads(3, 0, layers.ZEROS),
+                                            rngs=r, **BF16),
+}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+@pytest.mark.parametrize("name", CONVS)
+def test_bf16_convs_run_as_f32_accumulated_bf16_matmuls_with_unchanged_gradients(name, monkeypatch):
+    conv = randomise_bias(CONVS[name](nnx.Rngs(0)))
+    graph, state = nnx.split(conv)
+    x = jax.random.normal(jax.random.key(1), (1, 5, 9, 7, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(2), jax.eval_shape(lambda: conv(x)).shape)
+
+    def run(state, x):
+        return nnx.merge(graph, state)(x)
+
+    def grads(state, x):
+        return jax.grad(lambda s, x: (run(s, x).astype(jnp.float32) * w).sum(), argnums=(0, 1))(state, x)
+
+    plain_y, plain_g = run(state, x), grads(state, x)
+    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+    ops = convolutions_and_dots(jax.make_jaxpr(run)(state, x).jaxpr)
+    assert ops and {op[:3] for op in ops} == {("dot_general", "bfloat16", "float32")}
+    y = run(state, x)
+    f32 = nnx.merge(*nnx.split(CONVS[name](nnx.Rngs(0))))
+    f32.kernel[...], f32.bias[...] = conv.kernel[...], conv.bias[...]
+    f32.dtype = jnp.float32
+    want = literal(f32, x.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    # One bf16 rounding of an f32 sum, against XLA's bf16 conv: no less accurate.
+    err = float(jnp.abs(y.astype(jnp.float32) - want).max())
+    assert err <= max(float(jnp.abs(plain_y.astype(jnp.float32) - want).max()), 2 ** -8 * float(jnp.abs(want).max()))
+    # The backward pass is conv_forms' own, whichever form ran forward.
+    for got, ref in zip(jax.tree.leaves(grads(state, x)), jax.tree.leaves(plain_g)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+@pytest.mark.parametrize("time", [False, True], ids=["space", "time and space"])
+def test_bf16_upsamplers_run_as_matmuls(time, amx):
+    conv = randomise_bias(V1Kit(jnp.bfloat16, jnp.float32).up(8, time, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (1, 3, 6, 5, 8)).astype(jnp.bfloat16)
+    ops = convolutions_and_dots(jax.make_jaxpr(lambda x: upsample.nearest2x_conv(conv, x))(x).jaxpr)
+    assert {op[:3] for op in ops} == {("dot_general", "bfloat16", "float32")}
+    got = upsample.nearest2x_conv(conv, x).astype(jnp.float32)
+    conv.dtype = jnp.float32
+    want = literal(conv, nearest2x(x.astype(jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+@pytest.mark.parametrize("model", ["cvvae_v1_tiny", "cvvae_sd3_tiny"])
+def test_bf16_model_with_the_matmul_forms_stays_close_to_the_official_float32(model, amx):
+    vae = CVVAE.from_pretrained(FIXTURES / model, dtype=jnp.bfloat16)
+    io = np.load(FIXTURES / model / "io.npz")
+    z = jnp.asarray(channels_last(io["video_mean"]))
+    ops = convolutions_and_dots(jax.make_jaxpr(vae.decode_latents)(z).jaxpr)
+    # XLA's convolution is left only to a latent-sized conv_in (v1: its time taps folded on 12 channels).
+    assert all(op[3] <= 3 * conv_forms.FEW_CHANNELS for op in ops if op[0] == "conv_general_dilated")
+    assert sum(op[:3] == ("dot_general", "bfloat16", "float32") for op in ops) > 20
+    post = vae.encode(channels_last(io["video_input"]))
+    # As test_parity's bf16 bound for XLA's own bf16 convolutions (2.7e-2 measured there).
+    assert rel_err(post.mean, channels_last(io["video_mean"])) < 5e-2
+    assert rel_err(vae.decode(z).astype(jnp.float32), channels_last(io["video_decoded"])) < 5e-2
