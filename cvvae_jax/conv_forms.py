@@ -3,14 +3,6 @@
 Each function takes a `layers.Conv` (its kernel, bias, padding, dtype) and returns
 what calling it on the stated input returns, up to float rounding:
 
-- `nearest2x_conv(conv, x)` is `conv(x upsampled 2x nearest in H and W)`. After a nearest 2x
-  upsample every output pixel of a 3x3 conv sees only two distinct rows and two
-  distinct columns of x, so each of the four output phases is a 2x2 conv of x with
-  summed taps: 4/9 of the multiply-adds, and the 4x larger input is never built.
-  The decoder's upsamplers carry ~40% of its FLOPs, which makes this the largest
-  single saving in decode (benchmarks/README.md has the figures). The phase convs pad
-  their 2x2 taps by one, which grows the output; on CPU their kernel gradient comes from a
-  zero-padded copy of x instead (`_kernel_grad`), as XLA's for the padded form ran 300x slower.
 - `strided_conv(conv, x)` runs a strided conv (the downsamplers, the discriminator's first
   conv) on CPU: XLA's forward, and the backward of the same conv split by stride phase
   into stride-1 convs, as XLA:CPU's gradients of the strided conv ran 5-120x slower than
@@ -31,8 +23,13 @@ what calling it on the stated input returns, up to float rounding:
   full-size model's widths), and one frame at a time keeps one frame's tap outputs
   alive, not three whole outputs. Other backends have fast 3D convolutions, so `Conv`
   uses it on CPU only. Its backward pass is that of whole-clip 2D convs per time tap,
-  as the loop's own ran 20x slower. The 3D phase convs of `nearest2x_conv` (the
-  time-doubling upsamplers) loop the same way.
+  as the loop's own ran 20x slower. The 3D phase convs of `upsample.nearest2x_conv` (the
+  time-doubling upsamplers) loop the same way (`padded_conv`).
+- With bf16 compute on a CPU with AMX (`use_shifted_matmul`), every stride-1 conv with
+  more than FEW_CHANNELS on both sides runs as bf16 matmuls with f32 sums
+  (`shifted_matmul.frame_conv`), frame by frame: in the time loop, and for 2D and 1x1x1
+  convs in a loop of their own (`shifted_matmul_conv`). XLA:CPU runs its convolutions in
+  f32 whatever the dtype; its bf16 matmuls run on AMX. The gradients keep the forms above.
 
 `compiler_options()` goes with these forms: jaxlib 0.10's XLA:CPU hands 2D
 convolutions to YNNPACK, whose f32 convolution ran the model's 3x3 convs at 81-122
@@ -217,39 +214,56 @@ def frame_loop(frames: int, produce: Callable[[jax.Array], jax.Array], axis: int
 
 def _bits(x: jax.Array) -> jax.Array:
     """A bf16 (or f16) x as its bits, other arrays as they are. XLA:CPU carries no bf16 array
-    into a loop: it converts each to an f32 copy first, converted back where the loop reads
-    it (a 1.1 GB copy written twice after the decoder's last upsampler at 17x256x256, 3.5 s
-    of a 30 s bf16 decode). Bits it carries as they are. Converting the bits back to floats
-    folds into the consumer's fusion, and a loop's bits are the next loop's without a copy."""
+    into a loop: it converts each to an f32 copy first, which the loop converts back frame
+    by frame (1.1 GB written after the decoder's last upsampler at 17x256x256). Bits it
+    carries as they are, and a loop's bits are the next loop's without a copy; converting
+    them back to floats folds into the consumer's fusion. A bf16 decode at 17x256x256 went
+    from 29.8 to 27.5 s with the loops reading bits, and from 25.4 to 21.9 s with their
+    outputs written as bits too."""
     if x.dtype.itemsize >= 4:
         return x
     return lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
 
 
-def time_frames(length: int, pads, taps: int) -> int:
-    """Output frames of a stride-1 conv with `taps` time taps over `length` frames padded by pads[0]."""
-    return length + pads[0][0] + pads[0][1] - taps + 1
+def time_frames(length: int, pads, taps: int, stride: int = 1) -> int:
+    """Output frames of a conv with `taps` time taps over `length` frames padded by pads[0]."""
+    return (length + pads[0][0] + pads[0][1] - taps) // stride + 1
 
 
-def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dtype=None) -> jax.Array:
-    """`sum_d conv2d(frames[d], kernel[d])` with the zero pads of `pads` in space: bf16 matmuls
-    (`shifted_matmul`) where they apply, else one XLA conv per tap. In `out_dtype`
-    (default: the compute dtype); the matmul form sums in f32 and rounds once."""
+def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dtype=None,
+                    strides=None) -> jax.Array:
+    """`sum_d conv2d(frames[d], kernel[d])` with the zero pads of `pads` and `strides` (None: 1)
+    in space: bf16 matmuls (`shifted_matmul`) where they apply, else one XLA conv per tap. In
+    `out_dtype` (default: the compute dtype); the matmul form sums in f32 and rounds once."""
     space = zero_pads(pads)[-2:]
     if use_shifted_matmul(numerics.dtype):
-        y = shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision)
+        y = shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision, strides)
     else:
-        y = sum(_conv(numerics, f, kernel[d], space) for d, f in enumerate(frames))
+        y = sum(_conv(numerics, f, kernel[d], space, strides) for d, f in enumerate(frames))
     return y.astype(out_dtype or numerics.dtype)
+
+
+def _conv_frames(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics, strides=None) -> jax.Array:
+    """The conv of unpadded x by `kernel` with the (lo, hi, mode) `pads`, no bias, as a loop over
+    output frames: per frame, `frame_taps_conv` of the frames its time taps read. A 2D kernel
+    takes every leading index of x as a frame."""
+    if kernel.ndim == 4:
+        *lead, h, w, c = x.shape
+        y = _conv_frames(x.reshape(-1, h, w, c), kernel[None], ((0, 0, ZEROS), *pads), numerics,
+                         strides and (1, *strides))
+        return y.reshape(*lead, *y.shape[1:])
+    stride = strides[0] if strides else 1
+    read = frame_reader(x, pads)
+    taps = kernel.shape[0]
+    return frame_loop(time_frames(x.shape[-4], pads, taps, stride),
+                      lambda t: frame_taps_conv([read(stride * t + d) for d in range(taps)], kernel, pads,
+                                                numerics, strides=strides and tuple(strides[1:])),
+                      x.ndim - 4)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _time_loop_fn(x, kernel, pads, numerics):
-    read = frame_reader(x, pads)
-    taps = kernel.shape[0]
-    return frame_loop(time_frames(x.shape[-4], pads, taps),
-                      lambda t: frame_taps_conv([read(t + d) for d in range(taps)], kernel, pads, numerics),
-                      x.ndim - 4)
+    return _conv_frames(x, kernel, pads, numerics)
 
 
 def _time_taps(x: jax.Array, pads, taps: int) -> list[jax.Array]:
@@ -418,27 +432,19 @@ def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) ->
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _split_grad_conv(x, kernel, padding, strides, numerics):
     # `_conv` (strides None: stride 1) with the gradients XLA:CPU runs fast: a strided
-    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`. A stride-1
-    # bf16 one runs as `shifted_matmul` where that applies.
-    if strides is None and use_shifted_matmul(numerics.dtype):
-        return _frames_conv(x, kernel, padding, numerics)
+    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`. In bf16 it runs
+    # as `shifted_matmul` frame by frame where that applies.
+    if _shifted_applies(kernel, strides, numerics):
+        return _conv_frames(x, kernel, tuple((lo, hi, ZEROS) for lo, hi in padding), numerics, strides)
     return _conv(numerics, x, kernel, padding, strides)
 
 
-def _frames_conv(x: jax.Array, kernel: jax.Array, padding, numerics: Numerics) -> jax.Array:
-    """A stride-1 conv of x (..., H, W, C) by a 2D kernel, or a 3D one with one unpadded time
-    tap, frame by frame (every leading index a frame): one frame's temporaries alive at a time."""
-    if kernel.ndim == 5:
-        if kernel.shape[0] != 1 or tuple(padding[0]) != (0, 0):
-            raise ValueError(f"a frame-by-frame conv needs one unpadded time tap, got kernel "
-                             f"{kernel.shape[:3]} padded {padding}")
-        kernel, padding = kernel[0], padding[1:]
-    *lead, h, w, c = x.shape
-    frames = x.reshape(-1, h, w, c)
-    pads = ((0, 0, ZEROS),) + tuple((lo, hi, ZEROS) for lo, hi in padding)
-    read = frame_reader(frames, pads)
-    out = frame_loop(frames.shape[0], lambda t: frame_taps_conv([read(t)], kernel[None], pads, numerics), 0)
-    return out.reshape(*lead, *out.shape[1:])
+def _shifted_applies(kernel: jax.Array, strides, numerics: Numerics) -> bool:
+    """Whether `_split_grad_conv` runs forward as bf16 matmuls: stride 1, or 2 in space (the
+    downsamplers); more than FEW_CHANNELS on both sides (fewer are `matmul_conv`'s, or the
+    discriminator's RGB input)."""
+    return (use_shifted_matmul(numerics.dtype) and min(kernel.shape[-2:]) > FEW_CHANNELS
+            and (strides is None or tuple(strides[-2:]) in ((1, 1), (2, 2))))
 
 
 def _split_grad_conv_fwd(x, kernel, padding, strides, numerics):

@@ -16,33 +16,35 @@ from cvvae_jax.conv_kits import V1Kit
 from cvvae_jax.pretrained import jitted_part
 
 
-def reference(frames, kernel, padding):
+def reference(frames, kernel, padding, strides=(1, 1)):
     """sum_d conv2d(frames[d], kernel[d]) by XLA, in f32 at full precision."""
     lead = frames[0].shape[:-3]
     out = 0
     for f, k in zip(frames, kernel):
-        y = lax.conv_general_dilated(f.reshape(-1, *f.shape[-3:]), k, (1, 1), padding,
+        y = lax.conv_general_dilated(f.reshape(-1, *f.shape[-3:]), k, strides, padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      precision=lax.Precision.HIGHEST)
         out = out + y.reshape(*lead, *y.shape[1:])
     return out
 
 
-@pytest.mark.parametrize("kernel,padding", [
-    ((3, 3, 3), ((1, 1), (1, 1))),  # 3D: time taps stacked on the contraction axis
-    ((1, 3, 3), ((1, 1), (1, 1))),  # 2D: row taps stacked
-    ((3, 2, 2), ((1, 1), (1, 1))),  # an upsampler's phase conv: the output grows by one
-    ((1, 3, 3), ((0, 1), (2, 0))),  # uneven padding
-    ((1, 1, 1), ((0, 0), (0, 0))),  # 1x1: one matmul, no stack
-    ((2, 1, 3), ((0, 0), (1, 1))),
+@pytest.mark.parametrize("kernel,padding,strides", [
+    ((3, 3, 3), ((1, 1), (1, 1)), None),  # 3D: time taps stacked on the contraction axis
+    ((1, 3, 3), ((1, 1), (1, 1)), None),  # 2D: row taps stacked
+    ((3, 2, 2), ((1, 1), (1, 1)), None),  # an upsampler's phase conv: the output grows by one
+    ((1, 3, 3), ((0, 1), (2, 0)), None),  # uneven padding
+    ((1, 1, 1), ((0, 0), (0, 0)), None),  # 1x1: one matmul, no stack
+    ((2, 1, 3), ((0, 0), (1, 1)), None),
+    ((3, 3, 3), ((0, 1), (0, 1)), (2, 2)),  # a downsampler: 2x2 blocks on channels
+    ((1, 3, 3), ((1, 1), (1, 1)), (2, 2)),  # odd padded sizes
 ])
-def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding):
+def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding, strides):
     kt, kh, kw = kernel
     keys = jax.random.split(jax.random.key(0), kt + 1)
     frames = [jax.random.normal(keys[d], (2, 1, 7, 6, 5)) for d in range(kt)]  # leading axes kept
     k = jax.random.normal(keys[-1], (*kernel, 5, 9))
-    got = shifted_matmul.frame_conv(frames, k, padding, jnp.float32, lax.Precision.HIGHEST)
-    want = reference(frames, k, padding)
+    got = shifted_matmul.frame_conv(frames, k, padding, jnp.float32, lax.Precision.HIGHEST, strides)
+    want = reference(frames, k, padding, strides or (1, 1))
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -59,22 +61,18 @@ def test_frame_conv_sums_bf16_products_in_f32():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,pads", [
-    ((3, 3), layers.same_pads(2, 1, layers.ZEROS)),
-    ((1, 1, 1), layers.same_pads(3, 0, layers.ZEROS)),
+@pytest.mark.parametrize("kernel,pads,strides", [
+    ((3, 3), layers.same_pads(2, 1, layers.ZEROS), None),
+    ((1, 1, 1), layers.same_pads(3, 0, layers.ZEROS), None),
+    ((3, 3, 3), layers.causal_pads(1, layers.ZEROS), None),
+    ((3, 3, 3), ((2, 0, layers.EDGE), (0, 1, layers.ZEROS), (0, 1, layers.ZEROS)), (2, 2, 2)),
 ])
-def test_frames_conv_runs_frame_by_frame_with_the_same_numbers(kernel, pads):
-    conv = layers.Conv(6, 10, kernel, pads, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, 3, 9, 7, 6))
-    got = conv_forms._frames_conv(x, conv.kernel[...], conv_forms.zero_pads(pads),
-                                  conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST))
+def test_conv_frames_equals_the_literal_conv(kernel, pads, strides):
+    conv = layers.Conv(6, 10, kernel, pads, strides=strides, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 6))
+    got = conv_forms._conv_frames(x, conv.kernel[...], pads, conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST),
+                                  strides)
     np.testing.assert_allclose(got + conv.bias[...], literal(conv, x), rtol=1e-5, atol=1e-5)
-
-
-def test_frames_conv_refuses_3d_kernels_with_time_taps():
-    with pytest.raises(ValueError, match="one unpadded time tap"):
-        conv_forms._frames_conv(jnp.zeros((1, 3, 4, 4, 2)), jnp.zeros((3, 3, 3, 2, 2)),
-                                [(2, 0), (1, 1), (1, 1)], conv_forms.Numerics(jnp.float32, None))
 
 
 def test_has_amx_reads_the_cpu_flags(monkeypatch, tmp_path):
@@ -133,6 +131,7 @@ BF16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32)
 CONVS = {
     "3x3x3 causal (time loop)": lambda r: layers.Conv(16, 24, (3, 3, 3), layers.causal_pads(1, layers.ZEROS),
                                                      rngs=r, **BF16),
+    "3x3x3 downsampler, stride 2": lambda r: V1Kit(jnp.bfloat16, jnp.float32).down(16, True, r),
     "3x3 2D": lambda r: layers.conv2d(16, 24, 3, rngs=r, **BF16),
     "1x1x1 shortcut": lambda r: layers.Conv(16, 24, (1, 1, 1), layers.same_pads(3, 0, layers.ZEROS),
                                             rngs=r, **BF16),
