@@ -5,6 +5,9 @@ without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's 
     python benchmarks/conv_forms.py --shape 17x256x256x3x128 --options package  # conv_in
     python benchmarks/conv_forms.py --options package --dtype fp32,bf16  # bf16 compute
 
+With bf16 on a CPU with AMX, `time loop` runs each frame as bf16 matmuls
+(`cvvae_jax.shifted_matmul`), as the model does there.
+
 `--shape TxHxWxC[xO]` is the conv's input and its output channels (default O = C, as in
 the resnet blocks); the defaults are the decoder's widths at 17x256x256 with fewer
 frames. Forms: `3d` is XLA's 3D convolution, `time loop` is
@@ -57,6 +60,8 @@ def main(argv=None) -> None:
     few_input_forms = {"time fold": conv_forms.time_fold_conv, "matmul": conv_forms.matmul_conv}
     mach = machine()
     print(machine_line(mach))
+    if conv_forms.use_shifted_matmul(jnp.bfloat16):
+        print("bf16 on this CPU (AMX): the time loop's frames run as bf16 matmuls (cvvae_jax.shifted_matmul)")
     rows, results = [], []
     for text in args.shape or DEFAULT_SHAPES:
         t, h, w, c, *out = (int(v) for v in text.lower().split("x"))

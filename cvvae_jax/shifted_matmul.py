@@ -4,21 +4,22 @@ with AMX.
 XLA:CPU runs every convolution in f32: its float normalization converts bf16 operands to
 f32 first, so bf16 compute made the model no faster there. Its bf16 x bf16 -> f32 dot
 goes to YNNPACK, which uses the AMX tiles of CPUs that have them: on a 2-core Xeon with
-AMX a 4096^2 bf16 matmul ran at 1167 GFLOP/s against 270 in f32, while XLA's f32 3x3
-convolutions of the model's widths ran at 250-350 (benchmarks/conv_forms.py).
+AMX a 4096^2 bf16 matmul ran at 1167 GFLOP/s against 270 in f32, while XLA's f32
+convolutions ran the model's 3x3 convs at 240-360 GFLOP/s.
 
 Zero-padded to Hp x Wp and flattened to rows (Hp * Wp, C), a frame's tap (dh, dw) of a
 stride-1 conv reads the rows shifted by dh * Wp + dw: the conv is a sum of matmuls of
 contiguous row windows. Outputs are computed on the padded width (Wp columns, of which
 the first Wo are kept) so that every tap is one window. One axis of taps is stacked on
-the contraction axis, K = taps x C (the time taps of a 3D conv, else the row taps): AMX
-ran K = 128 matmuls at a fifth of its K = 1536 rate. Every other tap is one matmul of
-that stack, whose f32 output the sum reads at the tap's shift, so nothing but the stack
-is copied. Stacking a second axis of taps copied more than it saved: a full im2col ran
-the 128-channel 3x3 conv 2.5x slower than the row stack. Measured against XLA's f32
-convs on 5-frame inputs (GFLOP/s): 3x3 2D convs 569 / 832 / 1046 against 249 / 319 / 342
-at 128 / 256 / 512 channels; 3x3x3 convs 637 / 810 against 275 / 305 (128 / 256
-channels); the decoder's 2x2-tap upsampler phase convs 789 / 873 against 290 / 299.
+the contraction axis, K = taps x C (the time taps of a 3D conv, else the row taps), as
+AMX runs narrow contractions slowly (a 81920x128 by 128x128 bf16 matmul at 209 GFLOP/s,
+81920x384 by 384x128 at 527). Every other tap is one matmul of that stack, whose f32
+output the sum reads at the tap's shift, so nothing but the stack is copied. Stacking a
+second axis copied more than it saved: with the time and column taps stacked (K = 9C) a
+128-channel 3x3x3 conv on 3x576x576 frames ran at 249 GFLOP/s, against 500 this way.
+A causal 3x3x3 conv on 5 frames of 128x128x128 / 64x64x256 / 32x32x512 ran at 692 / 707
+/ 957 GFLOP/s, against 332 / 324 / 364 for the f32 loop of XLA's 2D convs
+(`benchmarks/conv_forms.py --options package --dtype fp32,bf16`, min of 3).
 
 The forward pass of one frame: `conv_forms` loops it over frames and keeps its own
 gradient forms around it.
@@ -98,8 +99,9 @@ def _space_to_depth(frames, kernel: jax.Array, padding: Padding):
     """A stride-2 conv as a stride-1 one: each 2x2 block of the zero-padded frames becomes one
     pixel of 4C channels (row phase, column phase, channel), and each kernel axis of k taps
     becomes ceil(k / 2) taps over those blocks, the missing ones zeros (a 3x3 kernel: 2x2
-    taps of 4C x O, 7 of the 16 blocks zero, 16/9 of its multiply-adds). Still 2-3.4x faster
-    than XLA's f32 strided conv here (the encoder's downsamplers, 17x256x256)."""
+    taps of 4C x O, 7 of the 16 blocks zero, 16/9 of its multiply-adds). Still 1.4-1.7x
+    faster than XLA's f32 strided conv: the encoder's three downsamplers at 17x256x256 took
+    0.84 / 0.43 / 0.21 s against 1.18 / 0.75 / 0.31 s (benchmarks/stages.py)."""
     kt, kh, kw, cin, cout = kernel.shape
     (hlo, hhi), (wlo, whi) = padding
     *lead, h, w, _ = frames[0].shape
