@@ -358,8 +358,10 @@ class Trainer:
                             metrics["perf/mfu"] = flops / dt / peak
                         metrics.update({k: float(v) for k, v in pipeline.metrics().items()})
                         log.write(step, {"source/" + name: 1.0, **metrics})
+                        # Drawn with the bar's next update: a redraw here would repeat a rate and
+                        # ETA last computed up to mininterval ago (the compile steps' 30 s/step).
                         bar.set_postfix(loss=f"{metrics['loss/total']:.4g}",
-                                        rec=f"{metrics['loss/rec']:.4f}", src=name)
+                                        rec=f"{metrics['loss/rec']:.4f}", src=name, refresh=False)
                     bar.update(1)
                     ckpt.maybe_save(step, state, pipeline)
                     if config.sample_every and step % config.sample_every == 0:
