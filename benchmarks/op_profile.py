@@ -23,7 +23,6 @@ import gzip
 import json
 import re
 import tempfile
-import time
 
 import common  # noqa: F401 - puts the repository root on sys.path
 
@@ -31,10 +30,11 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from codec import CONFIGS, parse_shape  # noqa: E402
-from common import dtype_list, fmt, machine, machine_line, table  # noqa: E402
+from common import dtype_list, fmt, machine, machine_line, table, timed  # noqa: E402
 from cvvae_jax.model_config import CVVAEConfig  # noqa: E402
 from cvvae_jax.pretrained import jitted_part  # noqa: E402
 from cvvae_jax.vae import CVVAE  # noqa: E402
+from stages import input_shape  # noqa: E402
 
 # Profiler events that are not compiled ops: the runtime and the Python around the call.
 NOT_OPS = ("ThunkExecutor", "$", "Pjit", "CommonPjRt", "Slinky", "while")
@@ -84,20 +84,14 @@ def main(argv=None) -> None:
     cfg = CVVAEConfig.from_dict(json.loads(CONFIGS["default"].read_text()))
     vae = CVVAE.from_config(cfg, dtype=jax.numpy.dtype(args.dtype), seed=0)
     graphdef, state = nnx.split(vae)
-    t, h, w = args.shape
-    if args.direction == "encode":
-        fn, shape = jitted_part(graphdef, "encode_moments"), (1, t, h, w, 3)
-    else:
-        fn, shape = jitted_part(graphdef, "decode_latents"), (1, 1 + (t - 1) // 4, h // 8, w // 8, 4)
-    x = jax.random.normal(jax.random.key(0), shape)
+    fn = jitted_part(graphdef, "encode_moments" if args.direction == "encode" else "decode_latents")
+    x = jax.random.normal(jax.random.key(0), input_shape(args.direction, args.shape))
     compiled = fn.lower(state, x).compile()
     about = op_descriptions(compiled.as_text())
     jax.block_until_ready(compiled(state, x))
     with tempfile.TemporaryDirectory(prefix="cvvae_op_profile_") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(state, x))
-        wall = time.perf_counter() - start
+        wall, _ = timed(lambda: compiled(state, x))
         jax.profiler.stop_trace()
         trace_file, = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
         events = json.load(gzip.open(trace_file))
