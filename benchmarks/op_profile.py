@@ -12,6 +12,11 @@ kind. XLA:CPU runs independent ops side by side and ops inside loops once per tr
 (the `calls` column), so the op times add up to more than the wall time: read them as
 shares, not as a schedule. This is the profile that shaped `shifted_matmul`,
 `upsample`'s frame-by-frame form and the loops' bf16 bits (`conv_forms._bits`).
+
+On a GPU the events summed are the device's kernels, each under the HLO op that
+launched it (`cudnn-conv-*` are cuDNN's convolutions). XLA:GPU replays runs of small
+kernels as CUDA graphs, which the trace shows as `command_buffer_*` only; XLA's flag
+`--xla_gpu_enable_command_buffer=` (empty, in XLA_FLAGS) launches them one by one.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def op_descriptions(hlo: str) -> dict[str, str]:
             bodies[m.group(1)] = block
     found = {}
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w-]+)\(", line)
+        # Tuple shapes (cuDNN's convolutions write one with their scratch) hold spaces.
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w-]+)\(", line)
         if not m:
             continue
         name, shape, op = m.groups()
@@ -71,6 +77,14 @@ def op_descriptions(hlo: str) -> dict[str, str]:
             inner = ", ".join(f"{k} x{v}" for k, v in ops.most_common(4) if k not in ("parameter", "bitcast"))
         found[name] = f"{shape}; {inner or op}"
     return found
+
+
+def device_pids(events) -> set[int]:
+    """The trace's accelerator processes (their events are kernels, named by the HLO op that
+    launched them); empty on CPU, where the compiled ops run as host events."""
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
 
 
 def kind(name: str) -> str:
@@ -96,16 +110,20 @@ def main(argv=None) -> None:
         trace_file, = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
         events = json.load(gzip.open(trace_file))
     events = events["traceEvents"] if isinstance(events, dict) else events
+    on_device = device_pids(events)
     seconds, calls = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS):
-            seconds[e["name"]] += e.get("dur", 0) / 1e6
-            calls[e["name"]] += 1
+        if e.get("ph") != "X" or (on_device and e.get("pid") not in on_device):
+            continue
+        name = e.get("args", {}).get("hlo_op") or e["name"]
+        if not name.startswith(NOT_OPS):
+            seconds[name] += e.get("dur", 0) / 1e6
+            calls[name] += 1
     kinds = collections.Counter()
     for name, s in seconds.items():
         kinds[kind(name)] += s
     print(f"{args.direction} {'x'.join(map(str, args.shape))}, {args.dtype}: wall {wall:.2f} s, "
-          f"ops {sum(seconds.values()):.2f} s (summed over both cores and every loop trip)")
+          f"ops {sum(seconds.values()):.2f} s (summed over every core, stream and loop trip)")
     print(table(["kind", "s"], [[k, fmt(s, ".2f")] for k, s in kinds.most_common(10)]))
     print(table(["op", "calls", "s", "writes; fused ops"],
                 [[n, str(calls[n]), fmt(s, ".3f"), about.get(n, "")] for n, s in seconds.most_common(args.top)]))

@@ -38,6 +38,7 @@ n/a on CPU unless given.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -163,6 +164,9 @@ def run_case(args) -> dict:
     start = time.perf_counter()
     compiled, flops = trainer.compiled_step(state, x)
     compile_s = time.perf_counter() - start
+    # A paper-width step compiles for minutes on a GPU (autotuning every conv's three passes).
+    print(f"train_step: {args.widths} {args.dtypes[0]} compiled in {compile_s:.1f} s", file=sys.stderr,
+          flush=True)
 
     def step():
         nonlocal state, metrics

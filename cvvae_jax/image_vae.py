@@ -14,7 +14,7 @@ from . import nets_diffusers
 from .conv_kits import ImageKit
 from .model_config import ImageVAEConfig
 from .posterior import DiagonalGaussian
-from .pretrained import Pretrained, check_pixels, jitted_part
+from .pretrained import Pretrained, bound_part, check_pixels
 
 
 class ImageVAE(Pretrained):
@@ -61,13 +61,11 @@ class ImageVAE(Pretrained):
         if x.shape[1] % s or x.shape[2] % s:
             raise ValueError(f"encode: H x W = {x.shape[1]} x {x.shape[2]}; both must be "
                              f"multiples of {s}")
-        graphdef, state = nnx.split(self)
-        return DiagonalGaussian.from_moments(jitted_part(graphdef, "encode_moments")(state, x))
+        return DiagonalGaussian.from_moments(bound_part(self, "encode_moments")(x))
 
     def decode(self, z) -> jax.Array:
         """(B, h, w, latent_channels) -> (B, 8h, 8w, 3) pixels (compute dtype)."""
         z = check_pixels(z, name="decode", rank=4, channels=self.latent_channels,
                          layout="(B, h, w, C)")
-        graphdef, state = nnx.split(self)
-        return jitted_part(graphdef, "decode_latents")(state, z)
+        return bound_part(self, "decode_latents")(z)
 

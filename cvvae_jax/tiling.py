@@ -80,9 +80,9 @@ def _blend(a: jax.Array, b: jax.Array, n: int, axis: int) -> jax.Array:
 
 def tiled(fn: Fn, x: jax.Array, plan: TilePlan | None) -> jax.Array:
     """Apply `fn` to overlapping (H, W) tiles of a (B, T, H, W, C) array and stitch."""
-    if plan is None:
-        return fn(x)
     h_axis, w_axis = 2, 3
+    if plan is None or max(x.shape[h_axis], x.shape[w_axis]) <= plan.tile_in:
+        return fn(x)
     rows = [
         [fn(x[:, :, i:i + plan.tile_in, j:j + plan.tile_in])
          for j in tile_starts(x.shape[w_axis], plan.stride_in, plan.tile_in)]
@@ -114,7 +114,8 @@ def chunked(fn: Fn, x: jax.Array, per_chunk: int | None,
     bounds = chunk_bounds(x.shape[1], per_chunk)
     outs = []
     for n, (a, b) in enumerate(bounds):
-        y = fn(x[:, a:b])
+        # One chunk takes x itself: on an accelerator each eager slice is a dispatch and a copy.
+        y = fn(x if len(bounds) == 1 else x[:, a:b])
         if on_chunk is not None:
             jax.block_until_ready(y)
             on_chunk(n + 1, len(bounds))

@@ -13,7 +13,6 @@ jitted network call (`tiling.py`). Inside your own jitted code (training), call
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -24,7 +23,7 @@ from . import inflate, nets_diffusers, nets_v1, tiling
 from .conv_kits import SD3Kit
 from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
 from .posterior import DiagonalGaussian
-from .pretrained import Pretrained, check_pixels, jitted_part
+from .pretrained import Pretrained, bound_part, check_pixels
 
 # Called with (chunks done, chunks in all) after each frame chunk has been computed.
 Progress = Callable[[int, int], None]
@@ -104,8 +103,7 @@ class CVVAE(Pretrained):
             make = tiling.TilePlan.for_encode if encode else tiling.TilePlan.for_decode
             plan = make(cfg.tile_spatial_size, cfg.space_factor, cfg.tile_overlap_ratio)
         per_chunk = cfg.encode_frames_per_chunk if encode else cfg.decode_frames_per_chunk
-        graphdef, state = nnx.split(self)
-        net = functools.partial(jitted_part(graphdef, method), state)
+        net = bound_part(self, method)
         return tiling.chunked(lambda c: tiling.tiled(net, c, plan), x, per_chunk, progress)
 
     def encode(self, x, progress: Progress | None = None) -> DiagonalGaussian:

@@ -1,5 +1,8 @@
 """Chunk and tile geometry, stitching, causality and one compile per shape."""
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +57,29 @@ def test_each_chunk_and_tile_shape_compiles_once(tiled_fixture_dir):
     # encode: 32x32 and 32x24 tiles; decode: 4x4 and 4x3 latent tiles (2 frames each)
     assert jitted_part(graphdef, "encode_moments")._cache_size() == 2
     assert jitted_part(graphdef, "decode_latents")._cache_size() == 2
+
+
+def test_calls_reuse_one_split_and_see_new_weight_values(monkeypatch):
+    vae = cvvae_jax.CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny")
+    z = jax.random.normal(jax.random.key(1), (1, 2, 4, 4, 4))
+    before = np.asarray(vae.decode(z))
+    split = nnx.split
+    splits = []
+    monkeypatch.setattr(nnx, "split", lambda *a, **k: splits.append(a) or split(*a, **k))
+    np.testing.assert_array_equal(np.asarray(vae.decode(z)), before)
+    assert splits == []
+    graphdef, state = split(vae)
+    nnx.update(vae, jax.tree.map(lambda v: v + 0.01, state))
+    after = np.asarray(vae.decode(z))
+    assert splits == []
+    assert np.abs(after - before).max() > 1e-3
+    graphdef, state = split(vae)
+    np.testing.assert_array_equal(after, jitted_part(graphdef, "decode_latents")(state, z))
+    # The cache must not keep the model alive.
+    ref = weakref.ref(vae)
+    del vae, state
+    gc.collect()
+    assert ref() is None
 
 
 def test_causal_conv_never_sees_the_future():
