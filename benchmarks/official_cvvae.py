@@ -75,7 +75,7 @@ def run_case(args) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     t, h, w = args.shape
     model = _model(args, torch).to(args.device, dtype)
-    x = torch.from_numpy(clip_frames(t, h, w)).permute(3, 0, 1, 2)[None].to(args.device, dtype)
+    x = torch.from_numpy(clip_frames(t, h, w)).permute(3, 0, 1, 2)[None].contiguous().to(args.device, dtype)
 
     def waited(fn):
         def call():

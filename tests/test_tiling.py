@@ -68,7 +68,7 @@ def test_calls_reuse_one_split_and_see_new_weight_values(monkeypatch):
     monkeypatch.setattr(nnx, "split", lambda *a, **k: splits.append(a) or split(*a, **k))
     np.testing.assert_array_equal(np.asarray(vae.decode(z)), before)
     assert splits == []
-    graphdef, state = split(vae)
+    _, state = split(vae)
     nnx.update(vae, jax.tree.map(lambda v: v + 0.01, state))
     after = np.asarray(vae.decode(z))
     assert splits == []
