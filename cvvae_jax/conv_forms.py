@@ -236,11 +236,11 @@ def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dty
     in space: bf16 matmuls (`shifted_matmul`) where they apply, else one XLA conv per tap. In
     `out_dtype` (default: the compute dtype); the matmul form sums in f32 and rounds once."""
     space = zero_pads(pads)[-2:]
+    out_dtype = out_dtype or numerics.dtype
     if use_shifted_matmul(numerics.dtype):
-        y = shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision, strides)
-    else:
-        y = sum(_conv(numerics, f, kernel[d], space, strides) for d, f in enumerate(frames))
-    return y.astype(out_dtype or numerics.dtype)
+        return shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision, strides,
+                                         out_dtype=out_dtype)
+    return sum(_conv(numerics, f, kernel[d], space, strides) for d, f in enumerate(frames)).astype(out_dtype)
 
 
 def _conv_frames(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics, strides=None) -> jax.Array:

@@ -13,13 +13,21 @@ contiguous row windows. Outputs are computed on the padded width (Wp columns, of
 the first Wo are kept) so that every tap is one window. One axis of taps is stacked on
 the contraction axis, K = taps x C (the time taps of a 3D conv, else the row taps), as
 AMX runs narrow contractions slowly (a 81920x128 by 128x128 bf16 matmul at 209 GFLOP/s,
-81920x384 by 384x128 at 527). Every other tap is one matmul of that stack, whose f32
-output the sum reads at the tap's shift, so nothing but the stack is copied. Stacking a
-second axis copied more than it saved: with the time and column taps stacked (K = 9C) a
-128-channel 3x3x3 conv on 3x576x576 frames ran at 249 GFLOP/s, against 500 this way.
-A causal 3x3x3 conv on 5 frames of 128x128x128 / 64x64x256 / 32x32x512 ran at 692 / 707
-/ 957 GFLOP/s, against 332 / 324 / 364 for the f32 loop of XLA's 2D convs
-(`benchmarks/conv_forms.py --options package --dtype fp32,bf16`, min of 3).
+81920x384 by 384x128 at 527). Every other tap is one matmul of a window of that stack
+(each row tap its own window), whose f32 output the sum reads at the column tap's shift.
+Stacking a second axis copied more than it saved: with the time and column taps stacked
+(K = 9C) a 128-channel 3x3x3 conv on 3x576x576 frames ran at 249 GFLOP/s, against 500.
+
+The output rows go in bands, a loop whose matmul operand is about BAND_BYTES and whose
+sums are rounded band by band. YNNPACK ran a tall matmul at half the rate of the same
+work in short ones (81920x384 by 384x128 at 448 GFLOP/s; forty 8192-row ones, each
+called on its own, at 952), and a band's f32 sums stay in cache until they are
+rounded. Operands of 0.75 / 1.5 / 3 / 6 MiB ran the 128-channel conv on 3x576x576
+frames at 631 / 672 / 677 / 640 GFLOP/s and a 512-channel one on 5x72x72 at 956 / 994 /
+873 / 870. A causal 3x3x3 conv on 5 frames of 128x128x128 / 64x64x256 / 32x32x512 ran at
+672 / 780 / 892 GFLOP/s, against 545 / 708 / 810 unbanded in the same session, and 332 /
+324 / 364 for the f32 loop of XLA's 2D convs on an earlier day (`benchmarks/conv_forms.py
+--options package --dtype fp32,bf16`, min of 3).
 
 The forward pass of one frame: `conv_forms` loops it over frames and keeps its own
 gradient forms around it.
@@ -35,6 +43,8 @@ from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 CPUINFO = "/proc/cpuinfo"
+# A band's matmul operand, in bytes (see the module docstring).
+BAND_BYTES = 3 << 19
 
 
 @functools.cache
@@ -52,10 +62,12 @@ def has_amx() -> bool:
     return False
 
 
-def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=None, strides=None) -> jax.Array:
+def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=None, strides=None,
+               band_rows: int | None = None, out_dtype=jnp.float32) -> jax.Array:
     """`sum_d conv2d(frames[d], kernel[d])`, zero `padding` ((lo, hi), (lo, hi)) in H and W, stride
-    1 or `strides` (2, 2): products of operands in `dtype`, summed and returned in f32 (the
-    caller rounds once, after what it adds).
+    1 or `strides` (2, 2): products of operands in `dtype`, summed in f32 and rounded once to
+    `out_dtype` (f32 for a caller that adds to it first). The output rows go in bands of at
+    most `band_rows` (default: a matmul operand of about BAND_BYTES).
 
     frames: kt arrays (..., H, W, C) sharing their leading axes; kernel (kt, kh, kw, C, O).
     """
@@ -70,28 +82,50 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
     hp, wp = h + hlo + hhi, w + wlo + whi
     ho, wo = hp - kh + 1, wp - kw + 1
     rows = ho * wp
-    # The last tap's window runs kw - 1 rows past the padded frame: one more zero row.
-    extra = 1 if kw > 1 else 0
-    pads = [(0, 0)] * len(lead) + [(hlo, hhi + extra), (wlo, whi), (0, 0)]
+    # One axis of taps on the contraction axis: time taps, else row taps.
+    depth, reach = (kt if kt > 1 else kh) * cin, kw - 1
+    band_rows = band_rows or max(1, BAND_BYTES // (depth * jnp.dtype(dtype).itemsize))
+    bands = -(-rows // band_rows)
+    band = -(-rows // bands)
+    # Each band's windows run `reach` rows past it, the last band's past the padded frame.
+    span = bands * band + reach
+    row = len(lead)
     bits = jnp.dtype(f"uint{jnp.dtype(dtype).itemsize * 8}")
-    flat = [jnp.pad(lax.bitcast_convert_type(f.astype(dtype), bits), pads).reshape(*lead, (hp + extra) * wp, cin)
-            for f in frames]
+    flat = [jnp.pad(lax.bitcast_convert_type(f.astype(dtype), bits), [(0, 0)] * row + [(hlo, hhi), (wlo, whi), (0, 0)])
+            .reshape(*lead, hp * wp, cin) for f in frames]
+    flat = [jnp.pad(f, [(0, 0)] * row + [(0, (kh - 1) * wp + kw - 1 + bands * band - hp * wp), (0, 0)]) for f in flat]
     if kt > 1:
-        span = rows + (kh - 1) * wp + kw - 1
-        parts = [f[..., :span, :] for f in flat]
-        taps = [(dh * wp + dw, kernel[:, dh, dw]) for dh in range(kh) for dw in range(kw)]
+        # Time taps on the contraction axis; each row tap reads its own window of the stack.
+        parts = flat
+        windows = [(dh * wp, [kernel[:, dh, dw] for dw in range(kw)]) for dh in range(kh)]
     else:
-        span = rows + kw - 1
         parts = [flat[0][..., dh * wp:dh * wp + span, :] for dh in range(kh)]
-        taps = [(dw, kernel[0, :, dw]) for dw in range(kw)]
-    stack = parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, span, -1)
-    stack = lax.bitcast_convert_type(stack, dtype)
-    y = None
-    for shift, k in taps:
-        out = jnp.dot(stack, k.reshape(-1, cout).astype(dtype), precision=precision,
-                      preferred_element_type=jnp.float32)
-        out = out[..., shift:shift + rows, :]
-        y = out if y is None else y + out
+        windows = [(0, [kernel[0, :, dw] for dw in range(kw)])]
+    stack = parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, -1, depth)
+    windows = [(offset, [k.reshape(depth, cout).astype(dtype) for k in ks]) for offset, ks in windows]
+
+    def band_sum(b):
+        y = None
+        for offset, ks in windows:
+            window = lax.dynamic_slice_in_dim(stack, b * band + offset, band + reach, row)
+            window = lax.bitcast_convert_type(window, dtype)
+            for dw, k in enumerate(ks):
+                out = jnp.dot(window, k, precision=precision, preferred_element_type=jnp.float32)
+                out = lax.slice_in_dim(out, dw, dw + band, axis=row)
+                y = out if y is None else y + out
+        return y
+
+    out_bits = jnp.dtype(f"uint{jnp.dtype(out_dtype).itemsize * 8}")
+    if bands == 1:
+        y = band_sum(0).astype(out_dtype)
+    else:
+        # Into zeros: with the first band padded to the whole as the buffer (`conv_forms.frame_loop`),
+        # a 128-channel conv of 3x576x576 frames took 1.54 s, against 1.35 s.
+        y = lax.fori_loop(0, bands, lambda b, y: lax.dynamic_update_slice_in_dim(
+            y, lax.bitcast_convert_type(band_sum(b).astype(out_dtype), out_bits), b * band, row),
+            jnp.zeros((*lead, bands * band, cout), out_bits))
+        y = lax.bitcast_convert_type(y, out_dtype)
+    y = lax.slice_in_dim(y, 0, rows, axis=row)
     return y.reshape(*lead, ho, wp, cout)[..., :wo, :]
 
 

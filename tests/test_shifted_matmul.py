@@ -38,27 +38,35 @@ def reference(frames, kernel, padding, strides=(1, 1)):
     ((3, 3, 3), ((0, 1), (0, 1)), (2, 2)),  # a downsampler: 2x2 blocks on channels
     ((1, 3, 3), ((1, 1), (1, 1)), (2, 2)),  # odd padded sizes
 ])
-def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding, strides):
+@pytest.mark.parametrize("band_rows", [None, 7, 1], ids=["one band", "bands of 7 rows", "rows"])
+def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding, strides, band_rows):
     kt, kh, kw = kernel
     keys = jax.random.split(jax.random.key(0), kt + 1)
     frames = [jax.random.normal(keys[d], (2, 1, 7, 6, 5)) for d in range(kt)]  # leading axes kept
     k = jax.random.normal(keys[-1], (*kernel, 5, 9))
-    got = shifted_matmul.frame_conv(frames, k, padding, jnp.float32, lax.Precision.HIGHEST, strides)
+    got = shifted_matmul.frame_conv(frames, k, padding, jnp.float32, lax.Precision.HIGHEST, strides, band_rows)
     want = reference(frames, k, padding, strides or (1, 1))
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_frame_conv_sums_bf16_products_in_f32():
+@pytest.mark.parametrize("band_rows", [None, 20], ids=["one band", "bands of 20 rows"])
+def test_frame_conv_sums_bf16_products_in_f32(band_rows):
     frames = [jax.random.normal(jax.random.key(d), (1, 12, 12, 64)) for d in range(3)]
     k = jax.random.normal(jax.random.key(9), (3, 3, 3, 64, 32)) / 24
-    got = shifted_matmul.frame_conv([f.astype(jnp.bfloat16) for f in frames], k.astype(jnp.bfloat16),
-                                    ((1, 1), (1, 1)), jnp.bfloat16)
+    args = ([f.astype(jnp.bfloat16) for f in frames], k.astype(jnp.bfloat16), ((1, 1), (1, 1)), jnp.bfloat16)
+    got = shifted_matmul.frame_conv(*args, band_rows=band_rows)
     rounded = [f.astype(jnp.bfloat16).astype(jnp.float32) for f in frames]
     want = reference(rounded, k.astype(jnp.bfloat16).astype(jnp.float32), ((1, 1), (1, 1)))
     assert got.dtype == jnp.float32
     # bf16 x bf16 products are exact in f32: only the order of the f32 sums differs.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Rounded once, band by band: the f32 sum to the nearest bf16 (or its neighbour, when the
+    # sums' order moved it across a midpoint).
+    got = shifted_matmul.frame_conv(*args, band_rows=band_rows, out_dtype=jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(jnp.float32),
+                               rtol=2 ** -8, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel,pads,strides", [
