@@ -115,12 +115,13 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
                 y = out if y is None else y + out
         return y
 
-    out_bits = jnp.dtype(f"uint{jnp.dtype(out_dtype).itemsize * 8}")
     if bands == 1:
         y = band_sum(0).astype(out_dtype)
     else:
         # Into zeros: with the first band padded to the whole as the buffer (`conv_forms.frame_loop`),
-        # a 128-channel conv of 3x576x576 frames took 1.54 s, against 1.35 s.
+        # a 128-channel conv of 3x576x576 frames took 1.54 s, against 1.35 s. Carried as bits, as
+        # XLA:CPU carries no bf16 array into a loop (`conv_forms._bits`).
+        out_bits = jnp.dtype(f"uint{jnp.dtype(out_dtype).itemsize * 8}")
         y = lax.fori_loop(0, bands, lambda b, y: lax.dynamic_update_slice_in_dim(
             y, lax.bitcast_convert_type(band_sum(b).astype(out_dtype), out_bits), b * band, row),
             jnp.zeros((*lead, bands * band, cout), out_bits))
