@@ -4,9 +4,11 @@ Each function takes a `layers.Conv` (its kernel, bias, padding, dtype) and retur
 what calling it on the stated input returns, up to float rounding:
 
 - `strided_conv(conv, x)` runs a strided conv (the downsamplers, the discriminator's first
-  conv) on CPU: XLA's forward, and the backward of the same conv split by stride phase
-  into stride-1 convs, as XLA:CPU's gradients of the strided conv ran 5-120x slower than
-  its forward; the phases' input gradients are interleaved into one buffer.
+  conv) on CPU: forward, a 3D one as a loop over output frames of 2D strided convs per
+  time tap (1.2-3x faster than XLA:CPU's 3D strided conv), a 2D one as XLA's conv; the
+  backward of the same conv split by stride phase into stride-1 convs, as XLA:CPU's
+  gradients of the strided conv ran 5-120x slower than its forward; the phases' input
+  gradients are interleaved into one buffer.
 - `matmul_conv(conv, x)` handles convs with few input or output channels (the RGB
   `conv_out`s, and the `conv_in`s but the 3D ones on CPU), which XLA:CPU's convolution
   ran at a few GFLOP/s: the
@@ -233,11 +235,12 @@ def time_frames(length: int, pads, taps: int, stride: int = 1) -> int:
 def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dtype=None,
                     strides=None) -> jax.Array:
     """`sum_d conv2d(frames[d], kernel[d])` with the zero pads of `pads` and `strides` (None: 1)
-    in space: bf16 matmuls (`shifted_matmul`) where they apply, else one XLA conv per tap. In
-    `out_dtype` (default: the compute dtype); the matmul form sums in f32 and rounds once."""
+    in space: bf16 matmuls (`shifted_matmul`: stride 1 or 2) where they apply, else one XLA
+    conv per tap. In `out_dtype` (default: the compute dtype); the matmul form sums in f32
+    and rounds once."""
     space = zero_pads(pads)[-2:]
     out_dtype = out_dtype or numerics.dtype
-    if use_shifted_matmul(numerics.dtype):
+    if use_shifted_matmul(numerics.dtype) and strides in (None, (1, 1), (2, 2)):
         return shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision, strides,
                                          out_dtype=out_dtype)
     return sum(_conv(numerics, f, kernel[d], space, strides) for d, f in enumerate(frames)).astype(out_dtype)
@@ -390,11 +393,12 @@ _tap_sum_conv.defvjp(_tap_sum_conv_fwd, _tap_sum_conv_bwd)
 
 
 def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
-    """`conv(x)` for a strided conv, on CPU: XLA's own forward; the backward of the same conv
-    split into stride phases (`_phase_split`), stride-1 convs whose gradients XLA:CPU runs
-    on its fast path. The gradients of the strided conv itself are dilated convs: 9.8 s
-    against a 0.53 s forward for the encoder's 128-channel time-and-space downsampler at
-    17x128x128 (input gradient), 9.3 s against 0.08 s for the discriminator's first conv."""
+    """`conv(x)` for a strided conv, on CPU: forward frame by frame (3D) or as XLA's own conv
+    (2D); the backward of the same conv split into stride phases (`_phase_split`), stride-1
+    convs whose gradients XLA:CPU runs on its fast path. The gradients of the strided conv
+    itself are dilated convs: 9.8 s against a 0.53 s forward for the encoder's 128-channel
+    time-and-space downsampler at 17x128x128 (input gradient), 9.3 s against 0.08 s for the
+    discriminator's first conv."""
     numerics = Numerics(conv.dtype, conv.precision)
     y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
                          tuple(conv.strides), numerics)
@@ -432,17 +436,22 @@ def _phase_split(x: jax.Array, kernel: jax.Array, padding, strides, numerics) ->
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _split_grad_conv(x, kernel, padding, strides, numerics):
     # `_conv` (strides None: stride 1) with the gradients XLA:CPU runs fast: a strided
-    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`. In bf16 it runs
-    # as `shifted_matmul` frame by frame where that applies.
-    if _shifted_applies(kernel, strides, numerics):
+    # conv's from `_phase_split`, and the kernel gradient from `_kernel_grad`. Frame by frame
+    # (`_conv_frames`) where bf16 matmuls apply, and for every strided 3D conv with time taps:
+    # XLA:CPU ran its 2D convs per frame and tap 1.2-3x faster than its 3D strided conv (f32,
+    # the encoder's downsamplers at 17x256x256: 0.64 / 0.55 / 0.32 s against 1.36 / 0.90 /
+    # 0.40 s; the discriminator's RGB input conv 0.034 s against 0.10 s, and 0.045 s against
+    # 0.11 s in bf16 on AMX, where its frames run as matmuls).
+    if _shifted_applies(kernel, strides, numerics) or (
+            strides is not None and kernel.ndim == 5 and kernel.shape[0] > 1):
         return _conv_frames(x, kernel, tuple((lo, hi, ZEROS) for lo, hi in padding), numerics, strides)
     return _conv(numerics, x, kernel, padding, strides)
 
 
 def _shifted_applies(kernel: jax.Array, strides, numerics: Numerics) -> bool:
     """Whether `_split_grad_conv` runs forward as bf16 matmuls: stride 1, or 2 in space (the
-    downsamplers); more than FEW_CHANNELS on both sides (fewer are `matmul_conv`'s, or the
-    discriminator's RGB input)."""
+    downsamplers); more than FEW_CHANNELS on both sides (fewer are `matmul_conv`'s). Strided
+    3D convs go frame by frame whatever this says."""
     return (use_shifted_matmul(numerics.dtype) and min(kernel.shape[-2:]) > FEW_CHANNELS
             and (strides is None or tuple(strides[-2:]) in ((1, 1), (2, 2))))
 

@@ -1,5 +1,5 @@
-"""Stride-1 convolutions as bf16 matmuls over shifted windows of flattened frames, for CPUs
-with AMX.
+"""Stride-1 and stride-2 convolutions as bf16 matmuls over shifted windows of flattened
+frames, for CPUs with AMX.
 
 XLA:CPU runs every convolution in f32: its float normalization converts bf16 operands to
 f32 first, so bf16 compute made the model no faster there. Its bf16 x bf16 -> f32 dot
@@ -28,6 +28,14 @@ frames at 631 / 672 / 677 / 640 GFLOP/s and a 512-channel one on 5x72x72 at 956 
 672 / 780 / 892 GFLOP/s, against 545 / 708 / 810 unbanded in the same session, and 332 /
 324 / 364 for the f32 loop of XLA's 2D convs on an earlier day (`benchmarks/conv_forms.py
 --options package --dtype fp32,bf16`, min of 3).
+
+A stride-2 conv (the downsamplers) reads each of the four stride phases of the padded
+frame (every other row and column, from row a and column b) as an image of its own: tap
+(dh, dw) is phase (dh % 2, dw % 2) shifted by (dh // 2, dw // 2), so the taps are windows
+as above, with no multiply-add wasted. Its first form, a stride-1 conv over 2x2 blocks of
+pixels stacked on the channels, did 16/9 of the work of a 3x3 kernel: the encoder's
+downsamplers at 17x256x256 took 0.84 / 0.49 / 0.25 s that way, 0.46 / 0.30 / 0.12 s as
+phases (`benchmarks/stages.py --dtype bf16`, one session).
 
 The forward pass of one frame: `conv_forms` loops it over frames and keeps its own
 gradient forms around it.
@@ -71,48 +79,63 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
 
     frames: kt arrays (..., H, W, C) sharing their leading axes; kernel (kt, kh, kw, C, O).
     """
-    if strides is not None and tuple(strides) != (1, 1):
-        if tuple(strides) != (2, 2):
-            raise ValueError(f"frame_conv: strides {strides}; 1 or 2 in H and W")
-        frames, kernel = _space_to_depth(frames, kernel, padding)
-        padding = ((0, 0), (0, 0))
+    stride = 1 if strides is None else strides[0]
+    if strides is not None and tuple(strides) not in ((1, 1), (2, 2)):
+        raise ValueError(f"frame_conv: strides {strides}; 1 or 2 in H and W")
     kt, kh, kw, cin, cout = kernel.shape
     (hlo, hhi), (wlo, whi) = padding
     *lead, h, w, _ = frames[0].shape
     hp, wp = h + hlo + hhi, w + wlo + whi
-    ho, wo = hp - kh + 1, wp - kw + 1
-    rows = ho * wp
-    # One axis of taps on the contraction axis: time taps, else row taps.
-    depth, reach = (kt if kt > 1 else kh) * cin, kw - 1
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    # Each stride phase of the padded frame is an image of its own, hq x wq: tap (dh, dw)
+    # reads phase (dh % s, dw % s) shifted by (dh // s, dw // s).
+    hq, wq = -(-hp // stride), -(-wp // stride)
+    rows = ho * wq
+    # One axis of taps on the contraction axis: time taps, else (stride 1) row taps.
+    stack_rows = kt == 1 and stride == 1
+    depth, reach = (kh if stack_rows else kt) * cin, (kw - 1) // stride
     band_rows = band_rows or max(1, BAND_BYTES // (depth * jnp.dtype(dtype).itemsize))
     bands = -(-rows // band_rows)
     band = -(-rows // bands)
-    # Each band's windows run `reach` rows past it, the last band's past the padded frame.
+    # Each band's windows run `reach` rows past it, the last band's past the phase image.
     span = bands * band + reach
+    length = max((kh - 1) // stride * wq + span, hq * wq)
     row = len(lead)
     bits = jnp.dtype(f"uint{jnp.dtype(dtype).itemsize * 8}")
-    flat = [jnp.pad(lax.bitcast_convert_type(f.astype(dtype), bits), [(0, 0)] * row + [(hlo, hhi), (wlo, whi), (0, 0)])
-            .reshape(*lead, hp * wp, cin) for f in frames]
-    flat = [jnp.pad(f, [(0, 0)] * row + [(0, (kh - 1) * wp + kw - 1 + bands * band - hp * wp), (0, 0)]) for f in flat]
-    if kt > 1:
-        # Time taps on the contraction axis; each row tap reads its own window of the stack.
-        parts = flat
-        windows = [(dh * wp, [kernel[:, dh, dw] for dw in range(kw)]) for dh in range(kh)]
-    else:
-        parts = [flat[0][..., dh * wp:dh * wp + span, :] for dh in range(kh)]
-        windows = [(0, [kernel[0, :, dw] for dw in range(kw)])]
-    stack = parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, -1, depth)
-    windows = [(offset, [k.reshape(depth, cout).astype(dtype) for k in ks]) for offset, ks in windows]
+    pads = [(0, 0)] * row + [(hlo, hhi + stride * hq - hp), (wlo, whi + stride * wq - wp), (0, 0)]
+    images = [jnp.pad(lax.bitcast_convert_type(f.astype(dtype), bits), pads)
+              .reshape(*lead, hq, stride, wq, stride, cin) for f in frames]
 
-    def band_sum(b):
+    def flat(image, a, b):
+        f = image[..., a, :, b, :].reshape(*lead, hq * wq, cin)
+        return jnp.pad(f, [(0, 0)] * row + [(0, length - hq * wq), (0, 0)])
+
+    def stacked(parts):
+        return parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, -1, depth)
+
+    # (stack, [(row offset, kernels of the column shifts 0, 1, ...)]) per phase image.
+    if stack_rows:
+        image = flat(images[0], 0, 0)
+        groups = [(stacked([image[..., dh * wq:dh * wq + span, :] for dh in range(kh)]),
+                   [(0, [kernel[0, :, dw] for dw in range(kw)])])]
+    else:
+        groups = [(stacked([flat(image, a, b) for image in images]),
+                   [(dh // stride * wq, [kernel[:, dh, dw] for dw in range(b, kw, stride)])
+                    for dh in range(a, kh, stride)])
+                  for a in range(stride) for b in range(stride)]
+    groups = [(stack, [(offset, [k.reshape(depth, cout).astype(dtype) for k in ks]) for offset, ks in windows])
+              for stack, windows in groups]
+
+    def band_sum(i):
         y = None
-        for offset, ks in windows:
-            window = lax.dynamic_slice_in_dim(stack, b * band + offset, band + reach, row)
-            window = lax.bitcast_convert_type(window, dtype)
-            for dw, k in enumerate(ks):
-                out = jnp.dot(window, k, precision=precision, preferred_element_type=jnp.float32)
-                out = lax.slice_in_dim(out, dw, dw + band, axis=row)
-                y = out if y is None else y + out
+        for stack, windows in groups:
+            for offset, ks in windows:
+                window = lax.dynamic_slice_in_dim(stack, i * band + offset, band + reach, row)
+                window = lax.bitcast_convert_type(window, dtype)
+                for shift, k in enumerate(ks):
+                    out = jnp.dot(window, k, precision=precision, preferred_element_type=jnp.float32)
+                    out = lax.slice_in_dim(out, shift, shift + band, axis=row)
+                    y = out if y is None else y + out
         return y
 
     if bands == 1:
@@ -122,34 +145,9 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
         # a 128-channel conv of 3x576x576 frames took 1.54 s, against 1.35 s. Carried as bits, as
         # XLA:CPU carries no bf16 array into a loop (`conv_forms._bits`).
         out_bits = jnp.dtype(f"uint{jnp.dtype(out_dtype).itemsize * 8}")
-        y = lax.fori_loop(0, bands, lambda b, y: lax.dynamic_update_slice_in_dim(
-            y, lax.bitcast_convert_type(band_sum(b).astype(out_dtype), out_bits), b * band, row),
+        y = lax.fori_loop(0, bands, lambda i, y: lax.dynamic_update_slice_in_dim(
+            y, lax.bitcast_convert_type(band_sum(i).astype(out_dtype), out_bits), i * band, row),
             jnp.zeros((*lead, bands * band, cout), out_bits))
         y = lax.bitcast_convert_type(y, out_dtype)
     y = lax.slice_in_dim(y, 0, rows, axis=row)
-    return y.reshape(*lead, ho, wp, cout)[..., :wo, :]
-
-
-def _space_to_depth(frames, kernel: jax.Array, padding: Padding):
-    """A stride-2 conv as a stride-1 one: each 2x2 block of the zero-padded frames becomes one
-    pixel of 4C channels (row phase, column phase, channel), and each kernel axis of k taps
-    becomes ceil(k / 2) taps over those blocks, the missing ones zeros (a 3x3 kernel: 2x2
-    taps of 4C x O, 7 of the 16 blocks zero, 16/9 of its multiply-adds). Still 1.4-1.7x
-    faster than XLA's f32 strided conv: the encoder's three downsamplers at 17x256x256 took
-    0.84 / 0.43 / 0.21 s against 1.18 / 0.75 / 0.31 s (benchmarks/stages.py)."""
-    kt, kh, kw, cin, cout = kernel.shape
-    (hlo, hhi), (wlo, whi) = padding
-    *lead, h, w, _ = frames[0].shape
-    hp, wp = h + hlo + hhi, w + wlo + whi
-    # Even sizes: the extra zero row or column is read by no output.
-    pads = [(0, 0)] * len(lead) + [(hlo, hhi + hp % 2), (wlo, whi + wp % 2), (0, 0)]
-
-    def blocks(f):
-        f = jnp.pad(f, pads)
-        f = f.reshape(*lead, f.shape[-3] // 2, 2, f.shape[-2] // 2, 2, cin)
-        return jnp.swapaxes(f, -4, -3).reshape(*lead, f.shape[-5], f.shape[-3], 4 * cin)
-
-    k = jnp.pad(kernel, [(0, 0), (0, kh % 2), (0, kw % 2), (0, 0), (0, 0)])
-    k = k.reshape(kt, (kh + 1) // 2, 2, (kw + 1) // 2, 2, cin, cout)
-    k = k.transpose(0, 1, 3, 2, 4, 5, 6).reshape(kt, (kh + 1) // 2, (kw + 1) // 2, 4 * cin, cout)
-    return [blocks(f) for f in frames], k
+    return y.reshape(*lead, ho, wq, cout)[..., :wo, :]

@@ -35,6 +35,23 @@ def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
+def convolutions_and_dots(jaxpr) -> list[tuple[str, str, str, int, int]]:
+    """(primitive, operand dtype, accumulation dtype, operand's last axis, operand's rank) of
+    every conv and dot, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            lhs = eqn.invars[0].aval
+            acc = eqn.params.get("preferred_element_type")
+            found.append((eqn.primitive.name, str(lhs.dtype), str(acc), lhs.shape[-1], lhs.ndim))
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += convolutions_and_dots(inner)
+    return found
+
+
 @pytest.fixture(scope="session")
 def tiled_fixture_dir(tmp_path_factory) -> Path:
     """cvvae_v1_tiny_tiled ships only its config: its weights are cvvae_v1_tiny's."""

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from conftest import FIXTURES
+from conftest import FIXTURES, convolutions_and_dots
 
 from cvvae_jax import CVVAE, conv_forms, layers, upsample
 from cvvae_jax.pretrained import jitted_part
@@ -171,6 +171,17 @@ def test_strided_conv_and_its_gradients_equal_the_strided_conv(kit):
     np.testing.assert_allclose(conv_forms.strided_conv(conv, x), literal(conv, x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(conv(x), literal(conv, x), rtol=1e-5, atol=1e-5)
     assert_same_gradients(conv_forms.strided_conv, conv, x)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+@pytest.mark.parametrize("kit", ["v1 time and space", "v1 space only", "sd3 (edge, causal)",
+                                 "discriminator conv_in (RGB)"])
+def test_strided_3d_convs_run_as_2d_convs_frame_by_frame_on_cpu(kit):
+    conv = STRIDED[kit](nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 8, conv.in_features))
+    ops = convolutions_and_dots(jax.make_jaxpr(conv)(x).jaxpr)
+    # (N, H, W, C) operands: one 2D conv per time tap, in the loop over output frames.
+    assert [(op[0], op[4]) for op in ops] == [("conv_general_dilated", 4)] * 3 * 2
 
 
 @pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from conftest import FIXTURES, channels_last, rel_err
+from conftest import FIXTURES, channels_last, convolutions_and_dots, rel_err
 from test_conv_forms import literal, nearest2x, randomise_bias
 
 from cvvae_jax import CVVAE, conv_forms, layers, shifted_matmul, upsample
@@ -35,8 +35,10 @@ def reference(frames, kernel, padding, strides=(1, 1)):
     ((1, 3, 3), ((0, 1), (2, 0)), None),  # uneven padding
     ((1, 1, 1), ((0, 0), (0, 0)), None),  # 1x1: one matmul, no stack
     ((2, 1, 3), ((0, 0), (1, 1)), None),
-    ((3, 3, 3), ((0, 1), (0, 1)), (2, 2)),  # a downsampler: 2x2 blocks on channels
+    ((3, 3, 3), ((0, 1), (0, 1)), (2, 2)),  # a downsampler: four stride phases, 2 / 1 row taps each
     ((1, 3, 3), ((1, 1), (1, 1)), (2, 2)),  # odd padded sizes
+    ((3, 2, 2), ((0, 0), (1, 1)), (2, 2)),  # one tap per phase
+    ((2, 1, 1), ((0, 0), (0, 0)), (2, 2)),  # phases no tap reads
 ])
 @pytest.mark.parametrize("band_rows", [None, 7, 1], ids=["one band", "bands of 7 rows", "rows"])
 def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding, strides, band_rows):
@@ -116,23 +118,6 @@ def test_chosen_for_bf16_on_cpus_with_amx_only(monkeypatch):
     monkeypatch.setattr(conv_forms, "on_cpu", lambda: True)
     monkeypatch.setattr(shifted_matmul, "has_amx", lambda: False)
     assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
-
-
-def convolutions_and_dots(jaxpr) -> list[tuple[str, str, str, int]]:
-    """(primitive, operand dtype, accumulation dtype, operand's last axis) of every conv and dot,
-    nested jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-            lhs = eqn.invars[0].aval
-            acc = eqn.params.get("preferred_element_type")
-            found.append((eqn.primitive.name, str(lhs.dtype), str(acc), lhs.shape[-1]))
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found += convolutions_and_dots(inner)
-    return found
 
 
 BF16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32)
