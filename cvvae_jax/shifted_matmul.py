@@ -113,18 +113,20 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
     def stacked(parts):
         return parts[0] if len(parts) == 1 else jnp.stack(parts, axis=-2).reshape(*lead, -1, depth)
 
-    # (stack, [(row offset, kernels of the column shifts 0, 1, ...)]) per phase image.
+    def matrices(taps):
+        return [k.reshape(depth, cout).astype(dtype) for k in taps]
+
+    # (stack, [(row offset, matrices of the column shifts 0, 1, ...)]) per phase image that
+    # a tap reads.
     if stack_rows:
         image = flat(images[0], 0, 0)
         groups = [(stacked([image[..., dh * wq:dh * wq + span, :] for dh in range(kh)]),
-                   [(0, [kernel[0, :, dw] for dw in range(kw)])])]
+                   [(0, matrices(kernel[0, :, dw] for dw in range(kw)))])]
     else:
         groups = [(stacked([flat(image, a, b) for image in images]),
-                   [(dh // stride * wq, [kernel[:, dh, dw] for dw in range(b, kw, stride)])
+                   [(dh // stride * wq, matrices(kernel[:, dh, dw] for dw in range(b, kw, stride)))
                     for dh in range(a, kh, stride)])
-                  for a in range(stride) for b in range(stride)]
-    groups = [(stack, [(offset, [k.reshape(depth, cout).astype(dtype) for k in ks]) for offset, ks in windows])
-              for stack, windows in groups]
+                  for a in range(min(stride, kh)) for b in range(min(stride, kw))]
 
     def band_sum(i):
         y = None

@@ -180,7 +180,8 @@ def test_strided_3d_convs_run_as_2d_convs_frame_by_frame_on_cpu(kit):
     conv = STRIDED[kit](nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 8, conv.in_features))
     ops = convolutions_and_dots(jax.make_jaxpr(conv)(x).jaxpr)
-    # (N, H, W, C) operands: one 2D conv per time tap, in the loop over output frames.
+    # (N, H, W, C) operands: one 2D conv per time tap, for the first output frame and in the
+    # loop over the others.
     assert [(op[0], op[4]) for op in ops] == [("conv_general_dilated", 4)] * 3 * 2
 
 
