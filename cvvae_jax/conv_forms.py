@@ -240,7 +240,7 @@ def frame_taps_conv(frames, kernel: jax.Array, pads, numerics: Numerics, out_dty
     and rounds once."""
     space = zero_pads(pads)[-2:]
     out_dtype = out_dtype or numerics.dtype
-    if use_shifted_matmul(numerics.dtype) and strides in (None, (1, 1), (2, 2)):
+    if use_shifted_matmul(numerics.dtype) and shifted_matmul.takes_strides(strides):
         return shifted_matmul.frame_conv(frames, kernel, space, numerics.dtype, numerics.precision, strides,
                                          out_dtype=out_dtype)
     return sum(_conv(numerics, f, kernel[d], space, strides) for d, f in enumerate(frames)).astype(out_dtype)
@@ -453,7 +453,7 @@ def _shifted_applies(kernel: jax.Array, strides, numerics: Numerics) -> bool:
     downsamplers); more than FEW_CHANNELS on both sides (fewer are `matmul_conv`'s). Strided
     3D convs go frame by frame whatever this says."""
     return (use_shifted_matmul(numerics.dtype) and min(kernel.shape[-2:]) > FEW_CHANNELS
-            and (strides is None or tuple(strides[-2:]) in ((1, 1), (2, 2))))
+            and shifted_matmul.takes_strides(None if strides is None else strides[-2:]))
 
 
 def _split_grad_conv_fwd(x, kernel, padding, strides, numerics):

@@ -70,6 +70,12 @@ def has_amx() -> bool:
     return False
 
 
+def takes_strides(strides) -> bool:
+    """Whether `frame_conv` runs a conv with these (H, W) `strides`: None (stride 1), (1, 1) or
+    (2, 2), the strides whose taps are windows of one image or of its four stride phases."""
+    return strides is None or tuple(strides) in ((1, 1), (2, 2))
+
+
 def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=None, strides=None,
                band_rows: int | None = None, out_dtype=jnp.float32) -> jax.Array:
     """`sum_d conv2d(frames[d], kernel[d])`, zero `padding` ((lo, hi), (lo, hi)) in H and W, stride
@@ -80,7 +86,7 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
     frames: kt arrays (..., H, W, C) sharing their leading axes; kernel (kt, kh, kw, C, O).
     """
     stride = 1 if strides is None else strides[0]
-    if strides is not None and tuple(strides) not in ((1, 1), (2, 2)):
+    if not takes_strides(strides):
         raise ValueError(f"frame_conv: strides {strides}; 1 or 2 in H and W")
     kt, kh, kw, cin, cout = kernel.shape
     (hlo, hhi), (wlo, whi) = padding

@@ -52,6 +52,17 @@ def test_frame_conv_equals_the_sum_of_2d_convs(kernel, padding, strides, band_ro
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strides,takes", [(None, True), ((1, 1), True), ((2, 2), True), ([2, 2], True),
+                                            ((3, 3), False), ((1, 2), False), ((2, 1), False)])
+def test_frame_conv_takes_strides_1_or_2_in_both_axes(strides, takes):
+    assert shifted_matmul.takes_strides(strides) is takes
+    if not takes:
+        frames = [jnp.zeros((1, 8, 8, 4))]
+        with pytest.raises(ValueError, match="1 or 2 in H and W"):
+            shifted_matmul.frame_conv(frames, jnp.zeros((1, 3, 3, 4, 4)), ((1, 1), (1, 1)), jnp.float32,
+                                      strides=strides)
+
+
 @pytest.mark.parametrize("band_rows", [None, 20], ids=["one band", "bands of 20 rows"])
 def test_frame_conv_sums_bf16_products_in_f32(band_rows):
     frames = [jax.random.normal(jax.random.key(d), (1, 12, 12, 64)) for d in range(3)]
