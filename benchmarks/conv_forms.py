@@ -5,7 +5,7 @@ without `cvvae_jax.compiler_options()`: the measurements behind conv_forms.py's 
     python benchmarks/conv_forms.py --shape 17x256x256x3x128 --options package  # conv_in
     python benchmarks/conv_forms.py --options package --dtype fp32,bf16  # bf16 compute
 
-With bf16 on a CPU with AMX, `time loop` runs each frame as bf16 matmuls
+With bf16 on a CPU with bf16 dot products (AMX or AVX512_BF16), `time loop` runs each frame as bf16 matmuls
 (`cvvae_jax.shifted_matmul`), as the model does there.
 
 `--shape TxHxWxC[xO]` is the conv's input and its output channels (default O = C, as in
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     import numpy as np
     from flax import nnx
 
-    from cvvae_jax import compiler_options, conv_forms, layers
+    from cvvae_jax import compiler_options, conv_forms, layers, shifted_matmul
 
     options = {"default": None, "package": compiler_options()}
     forms = {
@@ -61,7 +61,8 @@ def main(argv=None) -> None:
     mach = machine()
     print(machine_line(mach))
     if conv_forms.use_shifted_matmul(jnp.bfloat16):
-        print("bf16 on this CPU (AMX): the time loop's frames run as bf16 matmuls (cvvae_jax.shifted_matmul)")
+        print(f"bf16 on this CPU ({shifted_matmul.bf16_dot_flag()}): the time loop's frames run as bf16 matmuls"
+              " (cvvae_jax.shifted_matmul)")
     rows, results = [], []
     for text in args.shape or DEFAULT_SHAPES:
         t, h, w, c, *out = (int(v) for v in text.lower().split("x"))

@@ -27,11 +27,12 @@ what calling it on the stated input returns, up to float rounding:
   uses it on CPU only. Its backward pass is that of whole-clip 2D convs per time tap,
   as the loop's own ran 20x slower. The 3D phase convs of `upsample.nearest2x_conv` (the
   time-doubling upsamplers) loop the same way (`padded_conv`).
-- With bf16 compute on a CPU with AMX (`use_shifted_matmul`), every stride-1 conv with
-  more than FEW_CHANNELS on both sides runs as bf16 matmuls with f32 sums
-  (`shifted_matmul.frame_conv`), frame by frame: in the time loop, and for 2D and 1x1x1
-  convs in a loop of their own (`shifted_matmul_conv`). XLA:CPU runs its convolutions in
-  f32 whatever the dtype; its bf16 matmuls run on AMX. The gradients keep the forms above.
+- With bf16 compute on a CPU with bf16 dot products (`use_shifted_matmul`), every conv of
+  stride 1 or 2 (`shifted_matmul.takes_strides`) with more than FEW_CHANNELS on both sides
+  runs as bf16 matmuls with f32 sums (`shifted_matmul.frame_conv`), frame by frame: in
+  the time loop, and for 2D and 1x1x1 convs in a loop of their own (`shifted_matmul_conv`).
+  XLA:CPU runs its convolutions in f32 whatever the dtype; its bf16 matmuls run on AMX or
+  AVX512_BF16. The gradients keep the forms above.
 
 `compiler_options()` goes with these forms: jaxlib 0.10's XLA:CPU hands 2D
 convolutions to YNNPACK, whose f32 convolution ran the model's 3x3 convs at 81-122
@@ -78,10 +79,10 @@ def on_cpu() -> bool:
 
 
 def use_shifted_matmul(dtype) -> bool:
-    """Whether stride-1 convs computed in `dtype` run as bf16 matmuls (`shifted_matmul`): bf16
-    compute on a CPU with AMX, where XLA:CPU's convolutions run in f32 but its bf16 matmuls
-    do not. Their gradients keep this module's forms."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and on_cpu() and shifted_matmul.has_amx()
+    """Whether convs computed in `dtype` run as bf16 matmuls (`shifted_matmul`): bf16
+    compute on a CPU with bf16 dot products (`shifted_matmul.bf16_dot_flag`), where XLA:CPU's
+    convolutions run in f32 but its bf16 matmuls do not. Their gradients keep this module's forms."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and on_cpu() and shifted_matmul.bf16_dot_flag() is not None
 
 
 def compiler_options() -> dict[str, str] | None:

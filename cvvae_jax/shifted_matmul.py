@@ -1,11 +1,16 @@
 """Stride-1 and stride-2 convolutions as bf16 matmuls over shifted windows of flattened
-frames, for CPUs with AMX.
+frames, for CPUs with bf16 dot products (AMX tiles or AVX512_BF16).
 
 XLA:CPU runs every convolution in f32: its float normalization converts bf16 operands to
 f32 first, so bf16 compute made the model no faster there. Its bf16 x bf16 -> f32 dot
-goes to YNNPACK, which uses the AMX tiles of CPUs that have them: on a 2-core Xeon with
-AMX a 4096^2 bf16 matmul ran at 1167 GFLOP/s against 270 in f32, while XLA's f32
-convolutions ran the model's 3x3 convs at 240-360 GFLOP/s.
+goes to YNNPACK, which uses the bf16 dot products of CPUs that have them: on a 2-core
+Xeon with AMX a 4096^2 bf16 matmul ran at 1167 GFLOP/s against 270 in f32, while XLA's
+f32 convolutions ran the model's 3x3 convs at 240-360 GFLOP/s; on a 2-core AMD EPYC with
+AVX512_BF16 (and AVX512_VP2INTERSECT, no AMX) 725-831 against 390-411, and these forms ran
+the causal 3x3x3 convs below at 707 / 848 / 734 GFLOP/s against 327 / 412 / 394 for
+XLA's f32 ones. On an earlier AMD EPYC with AVX512_BF16 (without VP2INTERSECT), forms
+without the bands and the stacked taps below ran slower than XLA's f32 convolutions; the
+present forms have not run there.
 
 Zero-padded to Hp x Wp and flattened to rows (Hp * Wp, C), a frame's tap (dh, dw) of a
 stride-1 conv reads the rows shifted by dh * Wp + dw: the conv is a sum of matmuls of
@@ -51,23 +56,26 @@ from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 CPUINFO = "/proc/cpuinfo"
+# The CPU flags of bf16 dot products: AMX tiles, AVX-512's.
+BF16_DOT_FLAGS = ("amx_bf16", "avx512_bf16")
 # A band's matmul operand, in bytes (see the module docstring).
 BAND_BYTES = 3 << 19
 
 
 @functools.cache
-def has_amx() -> bool:
-    """Whether the CPU has AMX bf16 tiles (the `amx_bf16` flag of Linux's /proc/cpuinfo;
-    False where that file does not exist). Without AMX, YNNPACK's bf16 matmuls ran these
-    forms slower than XLA's f32 convolutions (a 2-core AMD EPYC with AVX512_BF16)."""
+def bf16_dot_flag() -> str | None:
+    """The first of BF16_DOT_FLAGS that Linux's /proc/cpuinfo lists for this CPU (None where
+    it lists none, or the file does not exist): the bf16 dot products behind the matmul
+    rates these forms are chosen for (see the module docstring)."""
     try:
         with open(CPUINFO) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    flags = set(line.split())
+                    return next((flag for flag in BF16_DOT_FLAGS if flag in flags), None)
     except OSError:
         pass
-    return False
+    return None
 
 
 def takes_strides(strides) -> bool:

@@ -93,7 +93,7 @@ def test_nearest2x_conv_unfolds_time_and_drops_the_first_frame(kit):
 @pytest.mark.parametrize("kit", KITS)
 @pytest.mark.parametrize("up_time", [1, 2])
 def test_frame_by_frame_upsampler_equals_the_whole_clip_one(kit, up_time):
-    """The form bf16 convs on CPUs with AMX take (`upsample._frame_by_frame`), here with f32 XLA
+    """The form bf16 convs on CPUs with bf16 dot products take (`upsample._frame_by_frame`), here with f32 XLA
     convs per frame: the same numbers and gradients as the whole-clip form."""
     conv = randomise_bias(KITS[kit](nnx.Rngs(0)))
     if up_time == 2 and not ("time-doubling" in kit or "causal" in kit):

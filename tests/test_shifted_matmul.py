@@ -1,5 +1,6 @@
 """Convolutions as bf16 matmuls over shifted frame windows (`cvvae_jax.shifted_matmul`): same
-numbers as the literal convolution, chosen only for bf16 on CPUs with AMX, same gradients."""
+numbers as the literal convolution, chosen only for bf16 on CPUs with bf16 dot products, same
+gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -96,38 +97,40 @@ def test_conv_frames_equals_the_literal_conv(kernel, pads, strides):
     np.testing.assert_allclose(got + conv.bias[...], literal(conv, x), rtol=1e-5, atol=1e-5)
 
 
-def test_has_amx_reads_the_cpu_flags(monkeypatch, tmp_path):
-    for flags, want in (("fpu avx512_bf16 amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", False)):
-        info = tmp_path / f"cpuinfo_{want}"
+def test_bf16_dot_flag_reads_the_cpu_flags(monkeypatch, tmp_path):
+    cases = (("fpu avx512_bf16 amx_bf16 amx_tile", "amx_bf16"), ("fpu avx512f avx512_bf16", "avx512_bf16"),
+             ("fpu avx2 avx512f avx512_vnni", None))
+    for i, (flags, want) in enumerate(cases):
+        info = tmp_path / f"cpuinfo_{i}"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
         monkeypatch.setattr(shifted_matmul, "CPUINFO", str(info))
-        shifted_matmul.has_amx.cache_clear()
-        assert shifted_matmul.has_amx() is want
+        shifted_matmul.bf16_dot_flag.cache_clear()
+        assert shifted_matmul.bf16_dot_flag() == want
     monkeypatch.setattr(shifted_matmul, "CPUINFO", str(tmp_path / "missing"))
-    shifted_matmul.has_amx.cache_clear()
-    assert shifted_matmul.has_amx() is False
-    shifted_matmul.has_amx.cache_clear()
+    shifted_matmul.bf16_dot_flag.cache_clear()
+    assert shifted_matmul.bf16_dot_flag() is None
+    shifted_matmul.bf16_dot_flag.cache_clear()
 
 
 @pytest.fixture
-def amx(monkeypatch):
+def bf16_dots(monkeypatch):
     """This CPU taken for one with AMX, whatever it has: the forms are plain XLA dots and run
-    anywhere, only their speed needs AMX. The models' jit cache is cleared around it."""
-    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+    anywhere, only their speed needs bf16 dot products. The models' jit cache is cleared around it."""
+    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: "amx_bf16")
     jitted_part.cache_clear()
     yield
     jitted_part.cache_clear()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
-def test_chosen_for_bf16_on_cpus_with_amx_only(monkeypatch):
-    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+def test_chosen_for_bf16_on_cpus_with_bf16_dot_products_only(monkeypatch):
+    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: "avx512_bf16")
     assert conv_forms.use_shifted_matmul(jnp.bfloat16)
     assert not conv_forms.use_shifted_matmul(jnp.float32)
     monkeypatch.setattr(conv_forms, "on_cpu", lambda: False)
     assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
     monkeypatch.setattr(conv_forms, "on_cpu", lambda: True)
-    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: False)
+    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: None)
     assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
 
 
@@ -156,8 +159,9 @@ def test_bf16_convs_run_as_f32_accumulated_bf16_matmuls_with_unchanged_gradients
     def grads(state, x):
         return jax.grad(lambda s, x: (run(s, x).astype(jnp.float32) * w).sum(), argnums=(0, 1))(state, x)
 
+    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: None)
     plain_y, plain_g = run(state, x), grads(state, x)
-    monkeypatch.setattr(shifted_matmul, "has_amx", lambda: True)
+    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: "amx_bf16")
     ops = convolutions_and_dots(jax.make_jaxpr(run)(state, x).jaxpr)
     assert ops and {op[:3] for op in ops} == {("dot_general", "bfloat16", "float32")}
     y = run(state, x)
@@ -176,7 +180,7 @@ def test_bf16_convs_run_as_f32_accumulated_bf16_matmuls_with_unchanged_gradients
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
 @pytest.mark.parametrize("time", [False, True], ids=["space", "time and space"])
-def test_bf16_upsamplers_run_as_matmuls(time, amx):
+def test_bf16_upsamplers_run_as_matmuls(time, bf16_dots):
     conv = randomise_bias(V1Kit(jnp.bfloat16, jnp.float32).up(8, time, nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (1, 3, 6, 5, 8)).astype(jnp.bfloat16)
     ops = convolutions_and_dots(jax.make_jaxpr(lambda x: upsample.nearest2x_conv(conv, x))(x).jaxpr)
@@ -189,7 +193,7 @@ def test_bf16_upsamplers_run_as_matmuls(time, amx):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
 @pytest.mark.parametrize("model", ["cvvae_v1_tiny", "cvvae_sd3_tiny"])
-def test_bf16_model_with_the_matmul_forms_stays_close_to_the_official_float32(model, amx):
+def test_bf16_model_with_the_matmul_forms_stays_close_to_the_official_float32(model, bf16_dots):
     vae = CVVAE.from_pretrained(FIXTURES / model, dtype=jnp.bfloat16)
     io = np.load(FIXTURES / model / "io.npz")
     z = jnp.asarray(channels_last(io["video_mean"]))
