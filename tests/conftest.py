@@ -59,3 +59,19 @@ def tiled_fixture_dir(tmp_path_factory) -> Path:
     shutil.copy(FIXTURES / "cvvae_v1_tiny_tiled" / "config.json", d)
     shutil.copy(FIXTURES / "cvvae_v1_tiny" / "diffusion_pytorch_model.safetensors", d)
     return d
+
+
+@pytest.fixture
+def cpu_bf16_dots(monkeypatch):
+    """Takes the CPU for one with the bf16 dot products given (`shifted_matmul.bf16_dot_flag`:
+    "amx_bf16", "avx512_bf16" or None), whatever it has: that flag picks the bf16 conv forms
+    when a model's call is traced, so the models' jit cache is cleared at each change and
+    after the test."""
+    from cvvae_jax import shifted_matmul
+    from cvvae_jax.pretrained import jitted_part
+
+    def take(flag):
+        monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: flag)
+        jitted_part.cache_clear()
+    yield take
+    jitted_part.cache_clear()

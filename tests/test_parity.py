@@ -117,15 +117,18 @@ def test_full_size_sd21_vae_matches_diffusers(tmp_path):
     assert rel_err(out, channels_last(decoded.numpy())) < TOL
 
 
-def test_bfloat16_compute_stays_close_to_the_official_float32():
+def test_bfloat16_compute_stays_close_to_the_official_float32(cpu_bf16_dots):
     import jax.numpy as jnp
 
+    # XLA's own bf16 convolutions, on any CPU: the matmul forms that CPUs with bf16 dot
+    # products take are held to the same bounds in test_shifted_matmul.py.
+    cpu_bf16_dots(None)
     io = np.load(FIXTURES / "cvvae_v1_tiny" / "io.npz")
     vae = cvvae_jax.CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny", dtype=jnp.bfloat16)
     post = vae.encode(channels_last(io["video_input"]))
     assert post.mean.dtype == jnp.float32  # posterior statistics stay float32
     err = rel_err(post.mean, channels_last(io["video_mean"]))
-    assert 1e-4 < err < 5e-2  # really computed in bf16, and still close (measured 2.7e-2)
+    assert 1e-4 < err < 5e-2  # really computed in bf16, and still close (measured 2.7e-2; 3.3e-2 on an AVX512_BF16 CPU)
     decoded = vae.decode(channels_last(io["video_mean"]))
     assert decoded.dtype == jnp.bfloat16
     assert rel_err(decoded.astype(jnp.float32), channels_last(io["video_decoded"])) < 5e-2

@@ -14,7 +14,6 @@ from test_conv_forms import literal, nearest2x, randomise_bias
 
 from cvvae_jax import CVVAE, conv_forms, layers, shifted_matmul, upsample
 from cvvae_jax.conv_kits import V1Kit
-from cvvae_jax.pretrained import jitted_part
 
 
 def reference(frames, kernel, padding, strides=(1, 1)):
@@ -113,13 +112,10 @@ def test_bf16_dot_flag_reads_the_cpu_flags(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def bf16_dots(monkeypatch):
+def bf16_dots(cpu_bf16_dots):
     """This CPU taken for one with AMX, whatever it has: the forms are plain XLA dots and run
-    anywhere, only their speed needs bf16 dot products. The models' jit cache is cleared around it."""
-    monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: "amx_bf16")
-    jitted_part.cache_clear()
-    yield
-    jitted_part.cache_clear()
+    anywhere, only their speed needs bf16 dot products."""
+    cpu_bf16_dots("amx_bf16")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
