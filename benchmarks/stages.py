@@ -3,16 +3,18 @@
     python benchmarks/stages.py [--shape 17x256x256] [--directions encode,decode] \
         [--dtype fp32[,bf16]] [--official-code /path/to/CV-VAE] [--json PATH]
 
-Walks the v1 CV-VAE (default config, random weights) block by block: conv_in, every
-resnet block, attention, down/upsampler, mid, and norm_out + conv_out. Each block is
-jitted on its own (compile excluded: one untimed call first), fed the previous
-block's output, and timed --runs times (median), once per compute --dtype (parameters
-stay fp32; with two dtypes the table adds their ratio per block). With --official-code, the official
-PyTorch model runs the same walk in its own process (same block names: ours mirror the
-official state-dict keys) and the table gets its column and the ratio per block. The
-blocks are the profile `codec.py`'s whole-network figure hides: the sum here is close
-to, not equal to, a whole call (one jit lets XLA overlap and free buffers across
-blocks).
+Walks the v1 CV-VAE (default config, random weights) block by block: conv_in, every resnet
+block, attention, down/upsampler, mid, and norm_out + conv_out. Each block is jitted on its
+own (compile excluded: one untimed call first), fed the previous block's output, and timed
+--runs times (median), once per compute --dtype (parameters stay fp32; with two dtypes the
+table adds their ratio per block). GFLOP/s divides a block's convolutions and matmuls
+(`cvvae_jax.flops`, as `codec.py` counts them: the work of the dtype's forms, so bf16's
+matmul forms count their padded columns too) by its time: the blocks that fall short of the
+rate the others reach are where time is left. With --official-code, the official PyTorch
+model runs the same walk in its own process (same block names: ours mirror the official
+state-dict keys) and the table gets its column and the ratio per block. The blocks are the
+profile `codec.py`'s whole-network figure hides: the sum here is close to, not equal to, a
+whole call (one jit lets XLA overlap and free buffers across blocks).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def run_ours(args) -> list[dict]:
     from flax import nnx
 
     from cvvae_jax import conv_forms
+    from cvvae_jax.flops import jaxpr_flops
     from cvvae_jax.model_config import CVVAEConfig
     from cvvae_jax.vae import CVVAE
 
@@ -92,7 +95,8 @@ def run_ours(args) -> list[dict]:
         f = jit(functools.partial(out if name == "out" else call, graphdef))
         fn = functools.partial(f, state)
         y = jax.block_until_ready(fn(x))
-        rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs)})
+        rows.append({"stage": name, "input": list(x.shape), "s": _median(lambda: fn(x), args.runs),
+                     "flops": jaxpr_flops(f.trace(state, x).jaxpr)})
         x = y
     return rows
 
@@ -160,8 +164,8 @@ def main() -> None:
 
 
 def report(res) -> str:
-    """Per block: our time per dtype, the first dtype's over the second's, the official time and
-    ours (first dtype) over it."""
+    """Per block: our time and GFLOP/s per dtype, the first dtype's time over the second's, the
+    official time and ours (first dtype) over it."""
     ours, official = res["ours"], res.get("official")
     errors = [f"ours {d}: {r['error']}" for d, r in ours.items() if "error" in r]
     if errors:
@@ -169,15 +173,18 @@ def report(res) -> str:
     dtypes = list(ours)
     first = ours[dtypes[0]]["rows"]
     times = {d: {r["stage"]: r["s"] for r in ours[d]["rows"]} for d in dtypes}
+    work = {d: {r["stage"]: r["flops"] for r in ours[d]["rows"]} for d in dtypes}
     theirs = {r["stage"]: r["s"] for r in official.get("rows", [])} if official else {}
-    headers = ["stage", "input (B, T, H, W, C)", *(f"ours {d} s" for d in dtypes)]
+    headers = ["stage", "input (B, T, H, W, C)", *(f"ours {d} s" for d in dtypes),
+               *(f"ours {d} GFLOP/s" for d in dtypes)]
     if len(dtypes) == 2:
         headers.append(f"{dtypes[0]} / {dtypes[1]}")
     if official:
         headers += ["official s", f"ours {dtypes[0]} / official"]
 
-    def cells(stage, mine, o):
+    def cells(stage, mine, o, flops):
         row = [fmt(t, ".2f") for t in mine]
+        row += [fmt(f / t / 1e9 if t else None, ".0f") for f, t in zip(flops, mine)]
         if len(mine) == 2:
             row.append(fmt(mine[0] / mine[1] if mine[1] else None, ".2f"))
         if official:
@@ -185,10 +192,12 @@ def report(res) -> str:
         return row
 
     rows = [[r["stage"], "x".join(map(str, r["input"])),
-             *cells(r["stage"], [times[d][r["stage"]] for d in dtypes], theirs.get(r["stage"]))]
+             *cells(r["stage"], [times[d][r["stage"]] for d in dtypes], theirs.get(r["stage"]),
+                    [work[d][r["stage"]] for d in dtypes])]
             for r in first]
     totals = [sum(times[d].values()) for d in dtypes]
-    last = ["total", "", *cells("total", totals, sum(theirs.values()) if theirs else None)]
+    last = ["total", "", *cells("total", totals, sum(theirs.values()) if theirs else None,
+                                [sum(work[d].values()) for d in dtypes])]
     if official and "error" in official:
         last[-2] = official["error"]
     return table(headers, rows + [last])
