@@ -185,6 +185,36 @@ def test_strided_3d_convs_run_as_2d_convs_frame_by_frame_on_cpu(kit):
     assert [(op[0], op[4]) for op in ops] == [("conv_general_dilated", 4)] * 3 * 2
 
 
+def output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The shape of every value an op makes, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    shapes += output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+@pytest.mark.parametrize("kit", ["v1 time and space", "sd3 (edge, causal)"])
+def test_strided_3d_convs_read_their_time_edge_pads_from_the_input_on_cpu(kit):
+    # The frames read the replicated first frames from x: no edge-padded copy of the clip,
+    # forward or backward (values and gradients: the test above).
+    conv = STRIDED[kit](nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 8, conv.in_features))
+    (lo, hi, mode), = conv.pads[:1]
+    assert mode == layers.EDGE and lo > 0
+    padded_in_time = (2, 5 + lo + hi)
+    forward = output_shapes(jax.make_jaxpr(conv)(x).jaxpr)
+    assert not [s for s in forward if s[:2] == padded_in_time]
+    # The backward does pad: its gradient rules are those of the padded clip's conv.
+    backward = output_shapes(jax.make_jaxpr(jax.grad(lambda x: conv(x).sum()))(x).jaxpr)
+    assert [s for s in backward if s[:2] == padded_in_time]
+
+
 @pytest.mark.parametrize("pads", [layers.causal_pads(1, layers.ZEROS), layers.same_pads(3, 1, layers.EDGE)])
 def test_time_fold_conv_equals_the_3d_conv(pads):
     conv = randomise_bias(layers.Conv(3, 16, (3, 3, 3), pads, rngs=nnx.Rngs(0)))
