@@ -430,7 +430,12 @@ def _strided_frames_fwd(x, kernel, pads, strides, numerics):
 
 
 def _strided_frames_bwd(pads, strides, numerics, residuals, g):
-    x, kernel = residuals
+    return _edge_padded_grads(*residuals, pads, strides, numerics, g)
+
+
+def _edge_padded_grads(x, kernel, pads, strides, numerics, g):
+    """The (x, kernel) cotangents of `_split_grad_conv` of x edge-padded by `pads`, whose zero
+    pads the conv makes: its rules, then the edge padding's transpose."""
     xe, pad_vjp = jax.vjp(lambda x: pad_input(x, pads, (EDGE,)), x)
     gxe, gk = _split_grad_conv_bwd(tuple(zero_pads(pads)), strides, numerics, (xe, kernel), g)
     gx, = pad_vjp(gxe)
@@ -570,10 +575,7 @@ def padded_conv_grads(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics,
     VJPs' rules, so no forward pass is traced for `cvvae_jax.flops` to count."""
     if kernel.ndim == 5 and kernel.shape[0] > 1:
         return _time_loop_bwd(tuple(pads), numerics, (x, kernel), g)
-    xe, pad_vjp = jax.vjp(lambda x: pad_input(x, pads, (EDGE,)), x)
-    gxe, gk = _split_grad_conv_bwd(tuple(zero_pads(pads)), None, numerics, (xe, kernel), g)
-    gx, = pad_vjp(gxe)
-    return gx, gk
+    return _edge_padded_grads(x, kernel, pads, None, numerics, g)
 
 
 def time_loop_conv(conv: "Conv", x: jax.Array) -> jax.Array:

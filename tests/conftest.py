@@ -35,20 +35,26 @@ def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def convolutions_and_dots(jaxpr) -> list[tuple[str, str, str, int, int]]:
-    """(primitive, operand dtype, accumulation dtype, operand's last axis, operand's rank) of
-    every conv and dot, nested jaxprs included."""
-    found = []
+def all_eqns(jaxpr):
+    """Every equation of jaxpr, those of its nested jaxprs (loops, custom VJPs) included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-            lhs = eqn.invars[0].aval
-            acc = eqn.params.get("preferred_element_type")
-            found.append((eqn.primitive.name, str(lhs.dtype), str(acc), lhs.shape[-1], lhs.ndim))
+        yield eqn
         for value in eqn.params.values():
             for inner in value if isinstance(value, (list, tuple)) else [value]:
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += convolutions_and_dots(inner)
+                    yield from all_eqns(inner)
+
+
+def convolutions_and_dots(jaxpr) -> list[tuple[str, str, str, int, int]]:
+    """(primitive, operand dtype, accumulation dtype, operand's last axis, operand's rank) of
+    every conv and dot, nested jaxprs included."""
+    found = []
+    for eqn in all_eqns(jaxpr):
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            lhs = eqn.invars[0].aval
+            acc = eqn.params.get("preferred_element_type")
+            found.append((eqn.primitive.name, str(lhs.dtype), str(acc), lhs.shape[-1], lhs.ndim))
     return found
 
 

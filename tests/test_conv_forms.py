@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from conftest import FIXTURES, convolutions_and_dots
+from conftest import FIXTURES, all_eqns, convolutions_and_dots
 
 from cvvae_jax import CVVAE, conv_forms, layers, upsample
 from cvvae_jax.pretrained import jitted_part
@@ -187,15 +187,7 @@ def test_strided_3d_convs_run_as_2d_convs_frame_by_frame_on_cpu(kit):
 
 def output_shapes(jaxpr) -> list[tuple[int, ...]]:
     """The shape of every value an op makes, nested jaxprs included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    shapes += output_shapes(inner)
-    return shapes
+    return [v.aval.shape for eqn in all_eqns(jaxpr) for v in eqn.outvars if hasattr(v.aval, "shape")]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")

@@ -53,7 +53,7 @@ def test_group_norm_keeps_a_bf16_input_bf16():
     np.testing.assert_allclose(np.asarray(got, np.float32), norm(x, jax.nn.silu), rtol=2 ** -7, atol=2 ** -7)
 
 
-def _top_level_f32_copies(x, apart=None):
+def _top_level_f32_copies(x):
     """Full-size f32 arrays that the compiled bf16 GroupNorm + SiLU of x writes out."""
     norm = layers.GroupNorm(16, 4, 1e-5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     graph, state = nnx.split(norm)
