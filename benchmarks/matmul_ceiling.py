@@ -1,0 +1,107 @@
+"""This machine's XLA matmul rate per dtype: the ceiling of bf16's speed-up over fp32.
+
+    python benchmarks/matmul_ceiling.py [--dtype fp32,bf16] [--shape 2048x2048x2048 ...] [--runs 5]
+
+Each case is one jitted computation with `cvvae_jax.compiler_options()`: `bands` matmuls
+(M x K) @ (K x N) of row bands of one operand, each product written into its own rows of
+the output, as `shifted_matmul.frame_conv` runs a band loop; operands in the dtype,
+products summed in f32 (bf16 x bf16 -> f32 is the form XLA:CPU gives to YNNPACK's bf16
+dot products). The default shapes: square matmuls, and the bands of the model's bf16
+convolutions at 17x256x256 (a 128-channel 3x3x3 conv's time taps stacked: K = 384,
+N = 128; 256 channels in: K = 768; the 256-channel time-doubling upsampler's phases:
+K = 768, N = 2048). bf16's GFLOP/s over fp32's is the most bf16 compute can gain where the
+model's work is these matmuls; the fp32 model's convolutions are XLA's own, not these.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from cvvae_jax import conv_forms  # noqa: E402
+
+# M x K x N and the number of bands, 20-70 GFLOP per call.
+SHAPES = ("2048x2048x2048x4", "4096x4096x4096x1", "2004x384x128x200", "1019x768x128x200", "988x768x2048x12")
+# Distinct bands in memory: their operand and output, at most a few tens of MB.
+HELD_BANDS = 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="fp32,bf16", help="operand dtypes, comma-separated")
+    p.add_argument("--shape", action="append", default=None,
+                   help=f"MxKxNxBANDS (repeat); default: {', '.join(SHAPES)}")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.dtype = common.dtype_list(p, args.dtype)
+    try:
+        args.shape = [tuple(int(n) for n in s.split("x")) for s in args.shape or SHAPES]
+    except ValueError:
+        p.error("--shape takes MxKxNxBANDS, e.g. 2004x384x128x96")
+    if any(len(s) != 4 or min(s) < 1 for s in args.shape):
+        p.error("--shape takes four positive sizes, MxKxNxBANDS")
+    return args
+
+
+def banded_matmul(m: int, bands: int, held: int, dtype):
+    """`bands` matmuls (m, K) x (K, N) -> f32 in a loop, band i read from and written to rows
+    (i % held) * m of a (held * m, K) operand and its (held * m, N) output, so that the work is
+    the matmuls rather than writing a large output. The operand comes in as its bits (bf16 as
+    uint16), which the loop reads as the model's do (`conv_forms._bits`: XLA:CPU converts a
+    bf16 array to f32 on its way into a loop)."""
+    def run(bits, b):
+        def band(i, out):
+            rows = lax.dynamic_slice_in_dim(bits, (i % held) * m, m)
+            y = jnp.dot(lax.bitcast_convert_type(rows, dtype), b, preferred_element_type=jnp.float32)
+            return lax.dynamic_update_slice_in_dim(out, y, (i % held) * m, 0)
+        return lax.fori_loop(0, bands, band, jnp.zeros((held * m, b.shape[1]), jnp.float32))
+    return run
+
+
+def measure(shape, dtype: str, runs: int, warmup: int) -> dict:
+    m, k, n, bands = shape
+    held = min(bands, HELD_BANDS)
+    keys = jax.random.split(jax.random.key(0))
+    a = conv_forms._bits(jax.random.normal(keys[0], (held * m, k)).astype(dtype))
+    b = jax.random.normal(keys[1], (k, n)).astype(dtype)
+    fn = jax.jit(banded_matmul(m, bands, held, jnp.dtype(dtype)), compiler_options=conv_forms.compiler_options())
+    compiled = fn.lower(a, b).compile()
+    times = common.time_runs(lambda: compiled(a, b), warmup=warmup, runs=runs)
+    flop = 2 * bands * m * k * n
+    return {"shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **common.summary(times),
+            "gflops_median": flop / common.summary(times)["median_s"] / 1e9, "gflops_best": flop / min(times) / 1e9}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    mach = common.machine()
+    print(common.machine_line(mach))
+    results = {}
+    for shape in args.shape:
+        for dtype in args.dtype:
+            results[shape, dtype] = measure(shape, dtype, args.runs, args.warmup)
+    print(f"median (best) of {args.runs} run(s) after {args.warmup} warm-up; products summed in f32")
+    headers = ["M x K x N", "bands"] + [f"{d} GFLOP/s" for d in args.dtype]
+    if len(args.dtype) == 2:
+        headers.append(f"{args.dtype[1]} / {args.dtype[0]} rate")
+    rows = []
+    for shape in args.shape:
+        r = [results[shape, d] for d in args.dtype]
+        row = ["x".join(map(str, shape[:3])), str(shape[3])]
+        row += [f"{x['gflops_median']:.0f} ({x['gflops_best']:.0f})" for x in r]
+        if len(r) == 2:
+            row.append(f"{r[1]['gflops_median'] / r[0]['gflops_median']:.2f}x")
+        rows.append(row)
+    print(common.table(headers, rows))
+    common.write_json(args.json, {"benchmark": "matmul_ceiling", "machine": mach, "results": list(results.values())})
+
+
+if __name__ == "__main__":
+    main()
