@@ -400,14 +400,18 @@ def strided_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     itself are dilated convs: 9.8 s against a 0.53 s forward for the encoder's 128-channel
     time-and-space downsampler at 17x128x128 (input gradient), 9.3 s against 0.08 s for the
     discriminator's first conv."""
+    return _add_bias(conv, _edge_padded_conv(conv, x, tuple(conv.strides)))
+
+
+def _edge_padded_conv(conv: "Conv", x: jax.Array, strides) -> jax.Array:
+    """`_split_grad_conv` of x edge-padded by the conv's pads, no bias; where it runs frame by
+    frame, the frames read their edge pads from x itself (`_frames_read_pads`)."""
     numerics = Numerics(conv.dtype, conv.precision)
-    kernel, strides = conv.kernel[...], tuple(conv.strides)
+    kernel = conv.kernel[...]
     if _by_frames(kernel, strides, numerics):
-        y = _strided_frames(x, kernel, tuple(map(tuple, conv.pads)), strides, numerics)
-    else:
-        y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), kernel, tuple(zero_pads(conv.pads)), strides,
-                             numerics)
-    return _add_bias(conv, y)
+        return _frames_read_pads(x, kernel, tuple(map(tuple, conv.pads)), strides, numerics)
+    return _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), kernel, tuple(zero_pads(conv.pads)), strides,
+                            numerics)
 
 
 def _by_frames(kernel: jax.Array, strides, numerics: Numerics) -> bool:
@@ -417,19 +421,19 @@ def _by_frames(kernel: jax.Array, strides, numerics: Numerics) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _strided_frames(x, kernel, pads, strides, numerics):
+def _frames_read_pads(x, kernel, pads, strides, numerics):
     # `_split_grad_conv` of x edge-padded, where it runs frame by frame: the frames read
-    # the edge pads in time from x itself (`frame_reader`), with no padded copy of x. The
-    # encoder's first downsampler at 17x256x256 (`stages.py`'s block, alternating in one
-    # process): 0.39 -> 0.35 s in bf16, 0.58 -> 0.50 s in fp32.
+    # their edge pads (in time, and in space frame by frame) from x itself (`frame_reader`),
+    # with no padded copy of x. The encoder's first downsampler at 17x256x256 (`stages.py`'s
+    # block, alternating in one process): 0.39 -> 0.35 s in bf16, 0.58 -> 0.50 s in fp32.
     return _conv_frames(x, kernel, pads, numerics, strides)
 
 
-def _strided_frames_fwd(x, kernel, pads, strides, numerics):
-    return _strided_frames(x, kernel, pads, strides, numerics), (x, kernel)
+def _frames_read_pads_fwd(x, kernel, pads, strides, numerics):
+    return _frames_read_pads(x, kernel, pads, strides, numerics), (x, kernel)
 
 
-def _strided_frames_bwd(pads, strides, numerics, residuals, g):
+def _frames_read_pads_bwd(pads, strides, numerics, residuals, g):
     return _edge_padded_grads(*residuals, pads, strides, numerics, g)
 
 
@@ -442,7 +446,7 @@ def _edge_padded_grads(x, kernel, pads, strides, numerics, g):
     return gx, gk
 
 
-_strided_frames.defvjp(_strided_frames_fwd, _strided_frames_bwd)
+_frames_read_pads.defvjp(_frames_read_pads_fwd, _frames_read_pads_bwd)
 
 
 def _strided_out(padded_size, taps, strides) -> list[int]:
@@ -552,9 +556,7 @@ _split_grad_conv.defvjp(_split_grad_conv_fwd, _split_grad_conv_bwd)
 def shifted_matmul_conv(conv: "Conv", x: jax.Array) -> jax.Array:
     """`conv(x)` for a stride-1 2D conv, or a 3D one with one time tap, as `shifted_matmul.conv`
     frame by frame, with the gradients of `_split_grad_conv`."""
-    y = _split_grad_conv(pad_input(x, conv.pads, (EDGE,)), conv.kernel[...], tuple(zero_pads(conv.pads)),
-                         None, Numerics(conv.dtype, conv.precision))
-    return _add_bias(conv, y)
+    return _add_bias(conv, _edge_padded_conv(conv, x, None))
 
 
 def padded_conv(x: jax.Array, kernel: jax.Array, pads, numerics: Numerics) -> jax.Array:

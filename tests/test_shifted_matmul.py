@@ -10,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from conftest import FIXTURES, channels_last, convolutions_and_dots, rel_err
-from test_conv_forms import literal, nearest2x, randomise_bias
+from test_conv_forms import literal, nearest2x, output_shapes, randomise_bias
 
 from cvvae_jax import CVVAE, conv_forms, layers, shifted_matmul, upsample
 from cvvae_jax.conv_kits import V1Kit
@@ -136,6 +136,7 @@ CONVS = {
                                                      rngs=r, **BF16),
     "3x3x3 downsampler, stride 2": lambda r: V1Kit(jnp.bfloat16, jnp.float32).down(16, True, r),
     "3x3 2D": lambda r: layers.conv2d(16, 24, 3, rngs=r, **BF16),
+    "3x3 2D, edge pads": lambda r: layers.conv2d(16, 24, 3, rngs=r, pad_mode=layers.EDGE, **BF16),
     "1x1x1 shortcut": lambda r: layers.Conv(16, 24, (1, 1, 1), layers.same_pads(3, 0, layers.ZEROS),
                                             rngs=r, **BF16),
 }
@@ -172,6 +173,16 @@ def test_bf16_convs_run_as_f32_accumulated_bf16_matmuls_with_unchanged_gradients
     # The backward pass is conv_forms' own, whichever form ran forward.
     for got, ref in zip(jax.tree.leaves(grads(state, x)), jax.tree.leaves(plain_g)):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
+def test_bf16_2d_convs_read_their_edge_pads_frame_by_frame(bf16_dots):
+    # No edge-padded copy of the clip: each frame is padded as the loop reads it
+    # (`conv_forms._frames_read_pads`); values and gradients: the test above.
+    conv = CONVS["3x3 2D, edge pads"](nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 16)).astype(jnp.bfloat16)
+    forward = output_shapes(jax.make_jaxpr(conv)(x).jaxpr)
+    assert (2, 5, 11, 9, 16) not in forward and (1, 11, 9, 16) in forward
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
