@@ -37,8 +37,8 @@ def base() -> ml_collections.ConfigDict:
     c.max_clips = 0  # per data kind; 0 = all
     c.skip_bad = False  # False: an unusable file is an error; True: skipped and counted
     c.examples = 4  # side-by-side PNG/mp4 files per data kind
-    c.out_dir = ""  # default runs/eval_<checkpoint directory name>
-    c.read_threads = 2
+    c.out_dir = ""  # default runs/eval_<checkpoint directory name>[_<subfolder>]
+    c.read_threads = 2  # threads decoding videos in the input pipeline
     c.seed = 0  # for mapping="random"
     return c
 
