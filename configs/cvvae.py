@@ -57,6 +57,7 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.sample_every = 1000
     c.tensorboard = True
+    c.xla_cache = True  # train.py caches compiled steps in <workdir>/xla_cache: a resumed run loads them
     c.max_nonfinite_in_row = 10
     # MFU's denominator. None: the device's dense bf16 peak where cvvae_jax.flops.peak_tflops
     # knows it (H100, H200, A100, TPU v4-v6e), else no MFU; 0 turns it off.

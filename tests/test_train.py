@@ -317,8 +317,10 @@ def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
 @pytest.fixture(scope="module")
 def interrupted(env, reference, tmp_path_factory):
     """One workdir, three runs: SIGKILLed right after checkpoint 3 is on disk; resumed and
-    sent SIGTERM after its first step; resumed again to the end."""
+    sent SIGTERM after its first step; resumed again to the end. Without the session's
+    compilation cache: the runs cache their compiles in the workdir (train.py's `xla_cache`)."""
     workdir = tmp_path_factory.mktemp("interrupted") / "run"
+    env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     killed = Run("killed", workdir, env, image_vae_flag(env), worker=True,
                  extra_env={"CVVAE_TEST_KILL_AT": "3"}).wait()
     steps_after_kill = saved_steps(workdir)
@@ -329,7 +331,8 @@ def interrupted(env, reference, tmp_path_factory):
     preempted.proc.send_signal(signal.SIGTERM)
     preempted.wait()
     steps_after_preemption = saved_steps(workdir)
-    final = Run("final", workdir, env, image_vae_flag(env)).wait()
+    # JAX_LOG_COMPILES: JAX logs its persistent cache's hits as warnings.
+    final = Run("final", workdir, env, image_vae_flag(env), extra_env={"JAX_LOG_COMPILES": "1"}).wait()
     return {"workdir": workdir, "killed": killed, "steps_after_kill": steps_after_kill,
             "preempted": preempted, "steps_after_preemption": steps_after_preemption,
             "final": final, "reference": reference_done(reference)}
@@ -361,7 +364,10 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(interrupted):
     assert final.started_at() == at, final.log()
     assert max(train_rows(interrupted["workdir"])) == 6
     assert saved_steps(interrupted["workdir"]) == [at, 6]
-    # The final weights equal the uninterrupted run's, bit for bit.
+    # The resumed run loaded its step from the workdir's cache, and the final weights equal
+    # the uninterrupted run's, bit for bit.
+    assert any((interrupted["workdir"] / "xla_cache").iterdir())
+    assert "Persistent compilation cache hit for 'jit_step'" in final.stderr, final.log()
     assert_same_export(interrupted["workdir"], interrupted["reference"].workdir)
     assert (final.results()["eval/psnr_after"]
             == interrupted["reference"].results()["eval/psnr_after"])
