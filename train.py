@@ -35,7 +35,7 @@ def cache_compiles(config, workdir: str) -> None:
     of compiling it: the tiny CV-VAE's step at 64x64 compiled in 23.2 s, and loaded in 6.1 s
     (tracing included) on 2 CPU cores. A cache directory set through JAX_COMPILATION_CACHE_DIR
     is left as it is. JAX reads the setting at its first compile, so this runs before any."""
-    if config.get("xla_cache", False) and not jax.config.jax_compilation_cache_dir:
+    if config.xla_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", f"{workdir}/xla_cache")
 
 

@@ -19,11 +19,11 @@ import argparse
 
 import common
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax import lax
 
-from cvvae_jax import conv_forms  # noqa: E402
+from cvvae_jax import conv_forms
 
 # M x K x N and the number of bands, 20-70 GFLOP per call.
 SHAPES = ("2048x2048x2048x4", "4096x4096x4096x1", "2004x384x128x200", "1019x768x128x200", "988x768x2048x12")
