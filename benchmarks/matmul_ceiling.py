@@ -1,6 +1,6 @@
 """This machine's XLA matmul rate per dtype: the ceiling of bf16's speed-up over fp32.
 
-    python benchmarks/matmul_ceiling.py [--dtype fp32,bf16] [--shape 2048x2048x2048 ...] [--runs 5]
+    python benchmarks/matmul_ceiling.py [--dtype fp32,bf16] [--shape 2048x2048x2048 ...] [--runs 5] [--torch]
 
 Each case is one jitted computation with `cvvae_jax.compiler_options()`: `bands` matmuls
 (M x K) @ (K x N) of row bands of one operand, each product written into its own rows of
@@ -11,11 +11,17 @@ convolutions at 17x256x256 (a 128-channel 3x3x3 conv's time taps stacked: K = 38
 N = 128; 256 channels in: K = 768; the 256-channel time-doubling upsampler's phases:
 K = 768, N = 2048). bf16's GFLOP/s over fp32's is the most bf16 compute can gain where the
 model's work is these matmuls; the fp32 model's convolutions are XLA's own, not these.
+With --torch the same bands run in PyTorch too (`torch.matmul` into the band's rows, oneDNN,
+on all usable cores, bf16 products summed in f32 and rounded to bf16), beside XLA's in the
+same process: another library's rate on the same CPU. `cpu_peak.py` gives the CPU's peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 
 import common
 
@@ -38,6 +44,7 @@ def parse_args(argv=None):
                    help=f"MxKxNxBANDS (repeat); default: {', '.join(SHAPES)}")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--torch", action="store_true", help="also time PyTorch's matmuls on the same bands")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.dtype = common.dtype_list(p, args.dtype)
@@ -75,8 +82,46 @@ def measure(shape, dtype: str, runs: int, warmup: int) -> dict:
     compiled = fn.lower(a, b).compile()
     stats = common.summary(common.time_runs(lambda: compiled(a, b), warmup=warmup, runs=runs))
     flop = 2 * bands * m * k * n
-    return {"shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
+    return {"library": "xla", "shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
             "gflops_median": flop / stats["median_s"] / 1e9, "gflops_best": flop / stats["min_s"] / 1e9}
+
+
+def measure_torch(shape, dtype: str, runs: int, warmup: int) -> dict:
+    """The same bands as `measure` in PyTorch: `torch.matmul(rows, b, out=...)` into the band's
+    rows of a held output, in the operand dtype (oneDNN sums bf16 products in f32)."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("error: --torch needs PyTorch, a test dependency: pip install -e '.[test]'")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    m, k, n, bands = shape
+    held = min(bands, HELD_BANDS)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(held * m, k, generator=gen).to(tdtype)
+    b = torch.randn(k, n, generator=gen).to(tdtype)
+    out = torch.empty(held * m, n, dtype=tdtype)
+
+    def run():
+        for i in range(bands):
+            j = (i % held) * m
+            torch.matmul(a[j:j + m], b, out=out[j:j + m])
+
+    for _ in range(warmup + 1):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    stats = common.summary(times)
+    flop = 2 * bands * m * k * n
+    return {"library": "torch", "shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
+            "gflops_median": flop / stats["median_s"] / 1e9, "gflops_best": flop / stats["min_s"] / 1e9}
+
+
+def rate(x: dict) -> str:
+    return f"{x['gflops_median']:.0f} ({x['gflops_best']:.0f})"
 
 
 def main(argv=None) -> None:
@@ -87,17 +132,28 @@ def main(argv=None) -> None:
     for shape in args.shape:
         for dtype in args.dtype:
             results[shape, dtype] = measure(shape, dtype, args.runs, args.warmup)
+    # PyTorch's after all of XLA's: its OpenMP threads, spinning after a matmul, slowed
+    # the XLA runs that followed them (the 128-channel bands to 61-69% of their rate).
+    for shape in args.shape if args.torch else ():
+        for dtype in args.dtype:
+            results[shape, dtype, "torch"] = measure_torch(shape, dtype, args.runs, args.warmup)
     print(f"median (best) of {args.runs} run(s) after {args.warmup} warm-up; products summed in f32")
     headers = ["M x K x N", "bands"] + [f"{d} GFLOP/s" for d in args.dtype]
     if len(args.dtype) == 2:
         headers.append(f"{args.dtype[1]} / {args.dtype[0]} rate")
+    if args.torch:
+        headers += [f"torch {d} GFLOP/s" for d in args.dtype] + [f"XLA / torch, {d}" for d in args.dtype]
     rows = []
     for shape in args.shape:
         r = [results[shape, d] for d in args.dtype]
         row = ["x".join(map(str, shape[:3])), str(shape[3])]
-        row += [f"{x['gflops_median']:.0f} ({x['gflops_best']:.0f})" for x in r]
+        row += [rate(x) for x in r]
         if len(r) == 2:
             row.append(f"{r[1]['gflops_median'] / r[0]['gflops_median']:.2f}x")
+        if args.torch:
+            t = [results[shape, d, "torch"] for d in args.dtype]
+            row += [rate(x) for x in t]
+            row += [f"{x['gflops_median'] / y['gflops_median']:.2f}" for x, y in zip(r, t)]
         rows.append(row)
     print(common.table(headers, rows))
     common.write_json(args.json, {"benchmark": "matmul_ceiling", "machine": mach, "results": list(results.values())})
