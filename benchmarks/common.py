@@ -32,14 +32,19 @@ RESULT_PREFIX = "RESULT "
 CLIP = "clip_a.mp4"
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in Linux's /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> dict[str, Any]:

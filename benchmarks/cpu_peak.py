@@ -84,17 +84,6 @@ int main(int argc, char **argv) {{
 """
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def build(workdir: Path) -> Path:
     wanted = os.environ.get("CC", "cc")
     cc = shutil.which(wanted) or ("CC" not in os.environ and shutil.which("gcc"))
@@ -133,7 +122,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if os.uname().machine != "x86_64":
         sys.exit(f"error: cpu_peak.py times x86-64 instructions; this machine is {os.uname().machine}")
-    flags = cpu_flags()
+    flags = set((common.cpuinfo("flags") or "").split())
     units = [i for i, unit in enumerate(UNITS) if all(f in flags for f in unit[1])]
     if not units:
         sys.exit("error: /proc/cpuinfo lists none of avx2+fma, avx512f, avx512_bf16")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import common
 
@@ -80,9 +79,14 @@ def measure(shape, dtype: str, runs: int, warmup: int) -> dict:
     b = jax.random.normal(keys[1], (k, n)).astype(dtype)
     fn = jax.jit(banded_matmul(m, bands, held, jnp.dtype(dtype)), compiler_options=conv_forms.compiler_options())
     compiled = fn.lower(a, b).compile()
-    stats = common.summary(common.time_runs(lambda: compiled(a, b), warmup=warmup, runs=runs))
+    return result("xla", shape, dtype, common.time_runs(lambda: compiled(a, b), warmup=warmup, runs=runs))
+
+
+def result(library: str, shape, dtype: str, times: list[float]) -> dict:
+    m, k, n, bands = shape
+    stats = common.summary(times)
     flop = 2 * bands * m * k * n
-    return {"library": "xla", "shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
+    return {"library": library, "shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
             "gflops_median": flop / stats["median_s"] / 1e9, "gflops_best": flop / stats["min_s"] / 1e9}
 
 
@@ -107,17 +111,8 @@ def measure_torch(shape, dtype: str, runs: int, warmup: int) -> dict:
             j = (i % held) * m
             torch.matmul(a[j:j + m], b, out=out[j:j + m])
 
-    for _ in range(warmup + 1):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    stats = common.summary(times)
-    flop = 2 * bands * m * k * n
-    return {"library": "torch", "shape": list(shape), "dtype": dtype, "gflop": flop / 1e9, **stats,
-            "gflops_median": flop / stats["median_s"] / 1e9, "gflops_best": flop / stats["min_s"] / 1e9}
+    # One more untimed call than XLA's, which compiled before its warm-up.
+    return result("torch", shape, dtype, common.time_runs(run, warmup=warmup + 1, runs=runs))
 
 
 def rate(x: dict) -> str:
