@@ -12,7 +12,7 @@ With bf16 on a CPU with bf16 dot products (AMX or AVX512_BF16), `time loop` runs
 the resnet blocks); the defaults are the decoder's widths at 17x256x256 with fewer
 frames. Forms: `3d` is XLA's 3D convolution, `time loop` is
 `conv_forms.time_loop_conv` (a loop over output frames of 2D convs per time tap); with at most
-`conv_forms.FEW_CHANNELS` inputs also `time fold` (`conv_forms.time_fold_conv`, the
+`conv_core.FEW_CHANNELS` inputs also `time fold` (`conv_forms.time_fold_conv`, the
 taps stacked on channels) and `matmul` (`conv_forms.matmul_conv`). Options: `default`
 compiles with XLA's defaults, `package` with `compiler_options()` (on CPU: convolutions
 kept out of YNNPACK). `--dtype` is the layer's compute dtype (parameters stay fp32).
@@ -49,18 +49,18 @@ def main(argv=None) -> None:
     import numpy as np
     from flax import nnx
 
-    from cvvae_jax import compiler_options, conv_forms, layers, shifted_matmul
+    from cvvae_jax import compiler_options, conv_core, conv_forms, layers, shifted_matmul
 
     options = {"default": None, "package": compiler_options()}
     forms = {
         # What layers.Conv falls back to: XLA's 3D convolution, zero pads included.
-        "3d": lambda conv, x: nnx.Conv.__call__(conv, conv_forms.pad_input(x, conv.pads, (conv_forms.EDGE,))),
+        "3d": lambda conv, x: nnx.Conv.__call__(conv, conv_core.pad_input(x, conv.pads, (conv_core.EDGE,))),
         "time loop": conv_forms.time_loop_conv,
     }
     few_input_forms = {"time fold": conv_forms.time_fold_conv, "matmul": conv_forms.matmul_conv}
     mach = machine()
     print(machine_line(mach))
-    if conv_forms.use_shifted_matmul(jnp.bfloat16):
+    if conv_core.use_shifted_matmul(jnp.bfloat16):
         print(f"bf16 on this CPU ({shifted_matmul.bf16_dot_flag()}): the time loop's frames run as bf16 matmuls"
               " (cvvae_jax.shifted_matmul)")
     rows, results = [], []
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         x = jax.random.normal(jax.random.key(0), (1, t, h, w, c))
         flops = 2 * 27 * c * o * t * h * w
         reference = None
-        shape_forms = forms | (few_input_forms if c <= conv_forms.FEW_CHANNELS else {})
+        shape_forms = forms | (few_input_forms if c <= conv_core.FEW_CHANNELS else {})
         for dtype in args.dtype:
             conv = layers.Conv(c, o, (3, 3, 3), layers.causal_pads(1, layers.ZEROS),
                                dtype=jnp.dtype(dtype),

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cvvae_jax import conv_forms
+from cvvae_jax import conv_forms, frame_loop
 
 # M x K x N and the number of bands, 20-70 GFLOP per call.
 SHAPES = ("2048x2048x2048x4", "4096x4096x4096x1", "2004x384x128x200", "1019x768x128x200", "988x768x2048x12")
@@ -60,7 +60,7 @@ def banded_matmul(m: int, bands: int, held: int, dtype):
     """`bands` matmuls (m, K) x (K, N) -> f32 in a loop, band i read from and written to rows
     (i % held) * m of a (held * m, K) operand and its (held * m, N) output, so that the work is
     the matmuls rather than writing a large output. The operand comes in as its bits (bf16 as
-    uint16), which the loop reads as the model's do (`conv_forms._bits`: XLA:CPU converts a
+    uint16), which the loop reads as the model's do (`frame_loop.as_bits`: XLA:CPU converts a
     bf16 array to f32 on its way into a loop)."""
     def run(bits, b):
         def band(i, out):
@@ -75,7 +75,7 @@ def measure(shape, dtype: str, runs: int, warmup: int) -> dict:
     m, k, n, bands = shape
     held = min(bands, HELD_BANDS)
     keys = jax.random.split(jax.random.key(0))
-    a = conv_forms._bits(jax.random.normal(keys[0], (held * m, k)).astype(dtype))
+    a = frame_loop.as_bits(jax.random.normal(keys[0], (held * m, k)).astype(dtype))
     b = jax.random.normal(keys[1], (k, n)).astype(dtype)
     fn = jax.jit(banded_matmul(m, bands, held, jnp.dtype(dtype)), compiler_options=conv_forms.compiler_options())
     compiled = fn.lower(a, b).compile()

@@ -11,7 +11,7 @@ shape it writes and the ops fused in it (from the compiled HLO), plus the totals
 kind. XLA:CPU runs independent ops side by side and ops inside loops once per trip
 (the `calls` column), so the op times add up to more than the wall time: read them as
 shares, not as a schedule. This is the profile that shaped `shifted_matmul`,
-`upsample`'s frame-by-frame form and the loops' bf16 bits (`conv_forms._bits`).
+`upsample`'s frame-by-frame form and the loops' bf16 bits (`frame_loop.as_bits`).
 
 On a GPU the events summed are the device's kernels, each under the HLO op that
 launched it (`cudnn-conv-*` are cuDNN's convolutions). XLA:GPU replays runs of small

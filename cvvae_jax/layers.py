@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from . import conv_forms, remat, upsample
-from .conv_forms import EDGE, ZEROS, AxisPad
+from . import conv_core, conv_forms, remat, upsample
+from .conv_core import EDGE, ZEROS, AxisPad
 
 Dtype = Any
 
@@ -55,7 +55,7 @@ class Conv(nnx.Conv):
 
     torch pads explicitly before its convolutions (replicate in time, zeros or
     replicate in space); we replicate explicitly too and let the convolution pad
-    the zeros (`conv_forms.pad_input` / `zero_pads`), so the numbers match. Leading
+    the zeros (`conv_core.pad_input` / `zero_pads`), so the numbers match. Leading
     axes beyond the convolved ones are batch axes, which is how a 2D conv runs frame
     by frame on a (B, T, H, W, C) video. RGB-sized convs run as matmuls
     (`conv_forms.matmul_conv`), which XLA does far faster; on CPU, 3D convs run as a
@@ -84,7 +84,7 @@ class Conv(nnx.Conv):
             out_features,
             kernel_size,
             strides=tuple(strides) if strides else 1,
-            padding=tuple(conv_forms.zero_pads(pads)),
+            padding=tuple(conv_core.zero_pads(pads)),
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=torch_like_init,
@@ -98,16 +98,16 @@ class Conv(nnx.Conv):
     def __call__(self, x: jax.Array) -> jax.Array:
         if conv_forms.use_time_fold(self):
             return conv_forms.time_fold_conv(self, x)
-        if (min(self.in_features, self.out_features) <= conv_forms.FEW_CHANNELS
-                and conv_forms.unit_strides(self)):
+        if (min(self.in_features, self.out_features) <= conv_core.FEW_CHANNELS
+                and conv_core.unit_strides(self)):
             return conv_forms.matmul_conv(self, x)
         if conv_forms.use_time_loop(self):
             return conv_forms.time_loop_conv(self, x)
         if conv_forms.use_strided_conv(self):
             return conv_forms.strided_conv(self, x)
-        if conv_forms.use_shifted_matmul(self.dtype) and conv_forms.unit_strides(self):
+        if conv_core.use_shifted_matmul(self.dtype) and conv_core.unit_strides(self):
             return conv_forms.shifted_matmul_conv(self, x)
-        return super().__call__(conv_forms.pad_input(x, self.pads, (EDGE,)))
+        return super().__call__(conv_core.pad_input(x, self.pads, (EDGE,)))
 
 
 def conv2d(cin, cout, k, *, dtype, param_dtype, rngs, pad_mode=ZEROS, strides=None) -> Conv:
@@ -171,7 +171,7 @@ def _apart(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     without; the bf16 encode / decode at 17x256x256, both forms alternating in one process:
     median 10.3 -> 9.0 s / 22.7 -> 21.2 s. Elsewhere (f32 x, accelerators) the three are x
     itself."""
-    if x.dtype == jnp.float32 or not conv_forms.on_cpu():
+    if x.dtype == jnp.float32 or not conv_core.on_cpu():
         return x, x, x
     return lax.optimization_barrier((x, x, x))
 

@@ -42,8 +42,8 @@ pixels stacked on the channels, did 16/9 of the work of a 3x3 kernel: the encode
 downsamplers at 17x256x256 took 0.84 / 0.49 / 0.25 s that way, 0.46 / 0.30 / 0.12 s as
 phases (`benchmarks/stages.py --dtype bf16`, one session).
 
-The forward pass of one frame: `conv_forms` loops it over frames and keeps its own
-gradient forms around it.
+The forward pass of one frame: `frame_loop` loops it over frames, and `conv_forms` keeps
+its own gradient forms around it.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def frame_conv(frames, kernel: jax.Array, padding: Padding, dtype, precision=Non
     if bands == 1:
         y = band_sum(0).astype(out_dtype)
     else:
-        # Into zeros: with the first band padded to the whole as the buffer (`conv_forms.frame_loop`),
+        # Into zeros: with the first band padded to the whole as the buffer (`frame_loop.frame_loop`),
         # a 128-channel conv of 3x576x576 frames took 1.54 s, against 1.35 s. Carried as bits, as
-        # XLA:CPU carries no bf16 array into a loop (`conv_forms._bits`).
+        # XLA:CPU carries no bf16 array into a loop (`frame_loop.as_bits`).
         out_bits = jnp.dtype(f"uint{jnp.dtype(out_dtype).itemsize * 8}")
         y = lax.fori_loop(0, bands, lambda i, y: lax.dynamic_update_slice_in_dim(
             y, lax.bitcast_convert_type(band_sum(i).astype(out_dtype), out_bits), i * band, row),

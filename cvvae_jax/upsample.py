@@ -7,7 +7,7 @@ decoder's upsamplers carry ~40% of its FLOPs, which makes this the largest singl
 in decode (benchmarks/README.md has the figures). The phase convs run as
 `conv_forms.padded_conv`; padded by one, their output is one larger than x.
 
-Where the convs run as bf16 matmuls (`conv_forms.use_shifted_matmul`), the upsampler
+Where the convs run as bf16 matmuls (`conv_core.use_shifted_matmul`), the upsampler
 runs frame by frame: each frame's phases are summed, biased and put in place in f32 and
 its output frames written once in bf16. Put in place for the whole clip afterwards, the
 phases cost more than the matmuls that made them: in XLA's per-op profile of a bf16
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import conv_forms
-from .conv_forms import Numerics
+from . import conv_core, conv_forms, frame_loop
+from .conv_core import Numerics
 
 if TYPE_CHECKING:
     from .layers import Conv
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 def check_nearest2x(conv: "Conv") -> None:
     k, pads = conv.kernel_size, conv.pads
-    if k[-2:] != (3, 3) or any(p[:2] != (1, 1) for p in pads[-2:]) or not conv_forms.unit_strides(conv):
+    if k[-2:] != (3, 3) or any(p[:2] != (1, 1) for p in pads[-2:]) or not conv_core.unit_strides(conv):
         raise ValueError(f"nearest2x_conv needs a stride-1 3x3 conv padded by one in space, "
                          f"got kernel {k}, pads {pads}, strides {conv.strides}")
 
@@ -52,7 +52,7 @@ def nearest2x_conv(conv: "Conv", x: jax.Array, up_time: int = 1) -> jax.Array:
     bias = None if conv.bias is None else conv.bias[...]
     numerics = Numerics(conv.dtype, conv.precision)
     # Padding x by one (zeros or edge) is padding the upsampled image by one.
-    if conv_forms.use_shifted_matmul(conv.dtype):
+    if conv_core.use_shifted_matmul(conv.dtype):
         return _frame_by_frame(x, k, bias, tuple(conv.pads), up_time, numerics)
     return _whole_clip(x, k, bias, tuple(conv.pads), up_time, numerics)
 
@@ -128,24 +128,24 @@ def _frame_by_frame(x, k, bias, pads, up_time, numerics):
     # `_whole_clip`, with every frame's phase conv, bias and interleave done before the next.
     if k.ndim == 4:  # 2D: every leading index is a frame, with no time taps
         *lead, h, w, c = x.shape
-        out = _frames(x.reshape(-1, h, w, c), k[None], bias, ((0, 0, conv_forms.ZEROS),) + pads, 1, numerics)
+        out = _frames(x.reshape(-1, h, w, c), k[None], bias, ((0, 0, conv_core.ZEROS),) + pads, 1, numerics)
         return out.reshape(*lead, *out.shape[1:])
     return _frames(x, k, bias, pads, up_time, numerics)
 
 
 def _frames(x, k, bias, pads, up_time, numerics):
-    read = conv_forms.frame_reader(x, pads)
+    read = frame_loop.frame_reader(x, pads)
     taps = k.shape[0]
     axis = x.ndim - 4
 
     def frame(t):  # (..., up_time, 2H, 2W, C) on the time axis
-        y = conv_forms.frame_taps_conv([read(t + d) for d in range(taps)], k, pads, numerics, jnp.float32)
+        y = frame_loop.frame_taps_conv([read(t + d) for d in range(taps)], k, pads, numerics, jnp.float32)
         out = _frame_in_place(_biased(y, bias), up_time)  # (..., 1, up_time, 2H, 2W, C)
         return out.reshape(*out.shape[:axis], up_time, *out.shape[-3:]).astype(numerics.dtype)
 
     # Frame 0's first time phase is the dropped first frame.
     first = lax.slice_in_dim(frame(0), up_time - 1, up_time, axis=axis)
-    return conv_forms.frame_loop(conv_forms.time_frames(x.shape[axis], pads, taps), frame, axis, up_time,
+    return frame_loop.frame_loop(frame_loop.time_frames(x.shape[axis], pads, taps), frame, axis, up_time,
                                  first=first)
 
 

@@ -9,7 +9,7 @@ from jax import lax
 
 from conftest import FIXTURES, all_eqns, convolutions_and_dots
 
-from cvvae_jax import CVVAE, conv_forms, layers, upsample
+from cvvae_jax import CVVAE, conv_core, conv_forms, layers, upsample
 from cvvae_jax.pretrained import jitted_part
 from cvvae_jax.conv_kits import ImageKit, SD3Kit, V1Kit
 
@@ -23,7 +23,7 @@ def literal(conv: layers.Conv, x: jax.Array) -> jax.Array:
                     + ((0, 0),), mode=np_mode)
     batch = x.shape[: x.ndim - n - 1]
     spatial = "DHW"[-n:]
-    strides = (1,) * n if conv_forms.unit_strides(conv) else tuple(conv.strides)
+    strides = (1,) * n if conv_core.unit_strides(conv) else tuple(conv.strides)
     y = lax.conv_general_dilated(
         x.reshape(-1, *x.shape[-n - 1:]), conv.kernel[...], strides, "VALID",
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
@@ -76,7 +76,7 @@ def test_nearest2x_conv_equals_conv_of_the_upsampled_input(kit):
     got = upsample.nearest2x_conv(conv, x)
     assert got.shape == want.shape == shape[:-3] + (14, 12, conv.out_features)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # Its kernel gradient comes from a zero-padded copy of x (`conv_forms._kernel_grad`).
+    # Its kernel gradient comes from a zero-padded copy of x (`phase_conv.kernel_grad`).
     assert_same_gradients(upsample.nearest2x_conv, conv, x, lambda c, x: literal(c, nearest2x(x)))
 
 
@@ -99,7 +99,7 @@ def test_frame_by_frame_upsampler_equals_the_whole_clip_one(kit, up_time):
     if up_time == 2 and not ("time-doubling" in kit or "causal" in kit):
         pytest.skip("this upsampler does not unfold time")
     x = jax.random.normal(jax.random.key(1), (2, 7, 6, 5) if len(conv.kernel_size) == 2 else (2, 3, 7, 6, 5))
-    numerics = conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST)
+    numerics = conv_core.Numerics(jnp.float32, lax.Precision.HIGHEST)
     args = (upsample.phase_kernel(conv.kernel[...]), conv.bias[...])
     rest = (tuple(conv.pads), up_time, numerics)
 
@@ -255,7 +255,7 @@ def test_pad_input_and_its_gradient_match_numpy_padding(pads):
 
     want, want_vjp = jax.vjp(numpy_style, x)
     cot = jax.random.normal(jax.random.key(1), want.shape)
-    got, got_vjp = jax.vjp(lambda x: conv_forms.pad_input(x, pads), x)
+    got, got_vjp = jax.vjp(lambda x: conv_core.pad_input(x, pads), x)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got_vjp(cot)[0], want_vjp(cot)[0], rtol=1e-6, atol=1e-6)
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from cvvae_jax import conv_forms, flops, layers
+from cvvae_jax import conv_core, conv_forms, flops, layers
 
 
 def test_a_conv_counts_two_flops_per_multiply_add_and_agrees_with_xla():
@@ -13,7 +13,7 @@ def test_a_conv_counts_two_flops_per_multiply_add_and_agrees_with_xla():
 
     def literal(s, x):
         c = nnx.merge(graph, s)
-        return super(layers.Conv, c).__call__(conv_forms.pad_input(x, c.pads, (conv_forms.EDGE,)))
+        return super(layers.Conv, c).__call__(conv_core.pad_input(x, c.pads, (conv_core.EDGE,)))
 
     expected = 2 * (2 * 5 * 12 * 10 * 32) * 16 * 27
     assert flops.flops(literal, state, x) == expected

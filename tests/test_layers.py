@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvvae_jax import conv_forms, layers
+from cvvae_jax import conv_core, conv_forms, layers
 
 
 @pytest.mark.parametrize("act", [None, jax.nn.silu], ids=["norm", "norm+silu"])
@@ -68,7 +68,7 @@ def _top_level_f32_copies(x):
 def test_bf16_group_norm_on_cpu_reads_its_input_without_an_f32_copy(monkeypatch):
     # Its three passes read the bf16 input; one f32 copy of it shared between them cost
     # ~0.1 s per full-resolution GroupNorm in a 17x256x256 encode (`layers._apart`).
-    if not conv_forms.on_cpu():
+    if not conv_core.on_cpu():
         pytest.skip("the copy is XLA:CPU's")
     x = jax.random.normal(jax.random.key(3), (1, 3, 16, 16, 16)).astype(jnp.bfloat16)
     assert _top_level_f32_copies(x) == []

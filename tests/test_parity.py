@@ -8,7 +8,7 @@ from jax.extend import core
 
 import cvvae_jax
 from conftest import FIXTURES, channels_last, rel_err
-from cvvae_jax import conv_forms
+from cvvae_jax import conv_core
 from cvvae_jax.posterior import DiagonalGaussian
 
 TOL = 1e-4  # max |diff| <= TOL * max |reference|
@@ -51,7 +51,7 @@ def equations(jaxpr):
 def test_accelerator_forms_match_official(name, monkeypatch):
     """GPUs and TPUs skip the CPU forms (time loops, strided-conv backward, split phase
     convs) for XLA's own 3D and strided convs; run here on the CPU, they give the same numbers."""
-    monkeypatch.setattr(conv_forms, "on_cpu", lambda: False)
+    monkeypatch.setattr(conv_core, "on_cpu", lambda: False)
     io = np.load(FIXTURES / name / "io.npz")
     graph, state = nnx.split(cvvae_jax.CVVAE.from_pretrained(FIXTURES / name))
 

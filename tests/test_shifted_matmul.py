@@ -12,7 +12,7 @@ from jax import lax
 from conftest import FIXTURES, channels_last, convolutions_and_dots, rel_err
 from test_conv_forms import literal, nearest2x, output_shapes, randomise_bias
 
-from cvvae_jax import CVVAE, conv_forms, layers, shifted_matmul, upsample
+from cvvae_jax import CVVAE, conv_core, frame_loop, layers, shifted_matmul, upsample
 from cvvae_jax.conv_kits import V1Kit
 
 
@@ -91,7 +91,7 @@ def test_frame_conv_sums_bf16_products_in_f32(band_rows):
 def test_conv_frames_equals_the_literal_conv(kernel, pads, strides):
     conv = layers.Conv(6, 10, kernel, pads, strides=strides, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 6))
-    got = conv_forms._conv_frames(x, conv.kernel[...], pads, conv_forms.Numerics(jnp.float32, lax.Precision.HIGHEST),
+    got = frame_loop.conv_frames(x, conv.kernel[...], pads, conv_core.Numerics(jnp.float32, lax.Precision.HIGHEST),
                                   strides)
     np.testing.assert_allclose(got + conv.bias[...], literal(conv, x), rtol=1e-5, atol=1e-5)
 
@@ -121,13 +121,13 @@ def bf16_dots(cpu_bf16_dots):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
 def test_chosen_for_bf16_on_cpus_with_bf16_dot_products_only(monkeypatch):
     monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: "avx512_bf16")
-    assert conv_forms.use_shifted_matmul(jnp.bfloat16)
-    assert not conv_forms.use_shifted_matmul(jnp.float32)
-    monkeypatch.setattr(conv_forms, "on_cpu", lambda: False)
-    assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
-    monkeypatch.setattr(conv_forms, "on_cpu", lambda: True)
+    assert conv_core.use_shifted_matmul(jnp.bfloat16)
+    assert not conv_core.use_shifted_matmul(jnp.float32)
+    monkeypatch.setattr(conv_core, "on_cpu", lambda: False)
+    assert not conv_core.use_shifted_matmul(jnp.bfloat16)
+    monkeypatch.setattr(conv_core, "on_cpu", lambda: True)
     monkeypatch.setattr(shifted_matmul, "bf16_dot_flag", lambda: None)
-    assert not conv_forms.use_shifted_matmul(jnp.bfloat16)
+    assert not conv_core.use_shifted_matmul(jnp.bfloat16)
 
 
 BF16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -178,7 +178,7 @@ def test_bf16_convs_run_as_f32_accumulated_bf16_matmuls_with_unchanged_gradients
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU form")
 def test_bf16_2d_convs_read_their_edge_pads_frame_by_frame(bf16_dots):
     # No edge-padded copy of the clip: each frame is padded as the loop reads it
-    # (`conv_forms._frames_read_pads`); values and gradients: the test above.
+    # (`phase_conv._frames_read_pads`); values and gradients: the test above.
     conv = CONVS["3x3 2D, edge pads"](nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 16)).astype(jnp.bfloat16)
     forward = output_shapes(jax.make_jaxpr(conv)(x).jaxpr)
@@ -206,7 +206,7 @@ def test_bf16_model_with_the_matmul_forms_stays_close_to_the_official_float32(mo
     z = jnp.asarray(channels_last(io["video_mean"]))
     ops = convolutions_and_dots(jax.make_jaxpr(vae.decode_latents)(z).jaxpr)
     # XLA's convolution is left only to a latent-sized conv_in (v1: its time taps folded on 12 channels).
-    assert all(op[3] <= 3 * conv_forms.FEW_CHANNELS for op in ops if op[0] == "conv_general_dilated")
+    assert all(op[3] <= 3 * conv_core.FEW_CHANNELS for op in ops if op[0] == "conv_general_dilated")
     assert sum(op[:3] == ("dot_general", "bfloat16", "float32") for op in ops) > 20
     post = vae.encode(channels_last(io["video_input"]))
     # As test_parity's bf16 bound for XLA's own bf16 convolutions (2.7e-2 measured there).
