@@ -165,6 +165,11 @@ def fmt(value, spec: str = ".3g", none: str = "n/a") -> str:
     return format(value, spec)
 
 
+def rate_cell(result: dict[str, Any]) -> str:
+    """A result's `gflops_median` (`gflops_best`) as a table cell."""
+    return f"{result['gflops_median']:.0f} ({result['gflops_best']:.0f})"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

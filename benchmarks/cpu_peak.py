@@ -132,13 +132,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
         results = [measure(exe, u, t, args.runs) for u in units for t in sorted({1, cores})]
-    print(f"median (best) of {args.runs} run(s), GFLOP/s; 24 independent chains per thread (12 on AVX2)")
+    print(f"median (best) of {args.runs} run(s), GFLOP/s; {accumulators('zmm')} independent chains per thread"
+          f" ({accumulators('ymm')} on AVX2)")
     counts = sorted({r["threads"] for r in results})
     rows = []
     for u in units:
         rs = {r["threads"]: r for r in results if r["unit"] == UNITS[u][0]}
         rows.append([UNITS[u][0], str(UNITS[u][4])] +
-                    [f"{rs[t]['gflops_median']:.0f} ({rs[t]['gflops_best']:.0f})" for t in counts])
+                    [common.rate_cell(rs[t]) for t in counts])
     print(common.table(["unit", "FLOP / instruction"] + [f"{t} thread(s)" for t in counts], rows))
     peak = {r["unit"]: r["gflops_median"] for r in results if r["threads"] == cores}
     fp32 = peak.get(UNITS[1][0]) or peak.get(UNITS[0][0])

@@ -115,10 +115,6 @@ def measure_torch(shape, dtype: str, runs: int, warmup: int) -> dict:
     return result("torch", shape, dtype, common.time_runs(run, warmup=warmup + 1, runs=runs))
 
 
-def rate(x: dict) -> str:
-    return f"{x['gflops_median']:.0f} ({x['gflops_best']:.0f})"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     mach = common.machine()
@@ -142,12 +138,12 @@ def main(argv=None) -> None:
     for shape in args.shape:
         r = [results[shape, d] for d in args.dtype]
         row = ["x".join(map(str, shape[:3])), str(shape[3])]
-        row += [rate(x) for x in r]
+        row += [common.rate_cell(x) for x in r]
         if len(r) == 2:
             row.append(f"{r[1]['gflops_median'] / r[0]['gflops_median']:.2f}x")
         if args.torch:
             t = [results[shape, d, "torch"] for d in args.dtype]
-            row += [rate(x) for x in t]
+            row += [common.rate_cell(x) for x in t]
             row += [f"{x['gflops_median'] / y['gflops_median']:.2f}" for x, y in zip(r, t)]
         rows.append(row)
     print(common.table(headers, rows))

@@ -92,7 +92,7 @@ def test_conv_frames_equals_the_literal_conv(kernel, pads, strides):
     conv = layers.Conv(6, 10, kernel, pads, strides=strides, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 9, 7, 6))
     got = frame_loop.conv_frames(x, conv.kernel[...], pads, conv_core.Numerics(jnp.float32, lax.Precision.HIGHEST),
-                                  strides)
+                                 strides)
     np.testing.assert_allclose(got + conv.bias[...], literal(conv, x), rtol=1e-5, atol=1e-5)
 
 
