@@ -7,20 +7,17 @@ r"""Encode a dataset of videos or images into ArrayRecord shards of CV-VAE laten
 Each record is cut like the eval pipeline cuts it (the first `frames` frames at
 `stride`, centre crop, no flip), encoded in batches, and stored as the scaled
 posterior mean `(mean - shift_factor) * scaling_factor`, optionally with the
-scaled std. The on-disk format, resuming and multi-process sharding are
-described in docs/latents.md; `read_record` decodes one stored record.
+scaled std. Resuming and multi-process sharding are described in docs/latents.md;
+the on-disk format is `latent_shards`, whose `read_record` decodes one stored record.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,70 +25,15 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
-from flax import nnx, serialization
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from . import cli, dtypes, sharding
-from .data import REASONS, SampleSpec, SourceConfig, build_source_from_config, parse_source
+from . import cli, dtypes, latent_shards, sharding
+from .data import SampleSpec, SourceConfig, build_source_from_config, parse_source
 from .data.transforms import EvalSample
 from .pretrained import resolve_dir
 from .vae import CVVAE
-
-FORMAT = "cvvae-latents/1"
-METADATA_NAME = "metadata.json"
-PREFIX = "latents"
-# One record per chunk, so that a reader (Grain) can fetch any record alone.
-WRITER_OPTIONS = "group_size:1"
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Records [k * shard_size, (k + 1) * shard_size) form shard k; process k % P writes it.
-
-    The layout does not depend on the process count, so a run resumed with another
-    process count picks up the same shards.
-    """
-
-    num_records: int
-    shard_size: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_records // self.shard_size)
-
-    def records(self, k: int) -> range:
-        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_records))
-
-    def name(self, k: int) -> str:
-        return f"{PREFIX}-{k:05d}-of-{self.num_shards:05d}"
-
-    def owned(self, process_index: int, process_count: int) -> list[int]:
-        return list(range(process_index, self.num_shards, process_count))
-
-
-def read_record(data: bytes) -> dict[str, Any]:
-    """One stored record as a dict of numpy arrays, ints and strings (see docs/latents.md)."""
-    return serialization.msgpack_restore(data)
-
-
-def shard_paths(out: str | Path) -> list[Path]:
-    """The completed shards in `out`, in record order (e.g. for grain's ArrayRecordDataSource)."""
-    return sorted(Path(out).glob(f"{PREFIX}-*-of-*.array_record"))
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Atomically: a reader (or a resumed run) sees the old file or the new one, never half."""
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")  # hosts may share pids
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _complete(out: Path, layout: Layout, k: int) -> bool:
-    # The sidecar is written before the shard is renamed into place: both or redo.
-    name = layout.name(k)
-    return (out / f"{name}.array_record").is_file() and (out / f"{name}.json").is_file()
 
 
 def _source_description(source_config: SourceConfig, source) -> dict[str, Any]:
@@ -130,14 +72,14 @@ def _check_shape(vae, spec: SampleSpec) -> None:
 
 
 def dataset_spec(vae, source_config: SourceConfig, source, *, scaling_factor: float,
-                 shift_factor: float, latent_dtype, store_std: bool, layout: Layout,
+                 shift_factor: float, latent_dtype, store_std: bool, layout: latent_shards.Layout,
                  weights: str | None) -> dict[str, Any]:
     """The dataset-level metadata known before encoding; a resumed run must match it."""
     cfg = vae.config
     frames, (h, w) = source_config.frames, source_config.size
     latent_frames = 1 + (frames - 1) // cfg.time_factor
     return {
-        "format": FORMAT,
+        "format": latent_shards.FORMAT,
         "model": {"class_name": cfg.CLASS_NAME, "weights": weights, "config": cfg.to_dict(),
                   "compute_dtype": jnp.dtype(vae.dtype).name},
         "latents": "(posterior_mean - shift_factor) * scaling_factor",
@@ -158,23 +100,6 @@ def dataset_spec(vae, source_config: SourceConfig, source, *, scaling_factor: fl
         "num_shards": layout.num_shards,
         "shards": [f"{layout.name(k)}.array_record" for k in range(layout.num_shards)],
     }
-
-
-def _prepare_out(out: Path, spec: dict[str, Any]) -> None:
-    """Starts `out`, or checks that what it holds was encoded with the same settings."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / METADATA_NAME
-    if not path.is_file():
-        # Processes starting together may all get here: they write the same content.
-        _write_json(path, {**spec, "complete": False})
-        return
-    saved = json.loads(path.read_text())
-    diff = sorted(k for k in (set(spec) | set(saved)) - {"complete", "counts"}
-                  if saved.get(k) != spec.get(k))
-    if diff:
-        raise ValueError(f"{out} holds latents encoded with other settings (differing: "
-                         f"{', '.join(diff)}); pass the same arguments to resume, or use a "
-                         "new --out")
 
 
 def _placement(vae, local_devices: list) -> Any:
@@ -210,59 +135,9 @@ class _Sample(grain.transforms.Map):
         return {**self._eval.map(record), "index": record["index"]}
 
 
-class _ShardWriter:
-    """Writes one shard under a temporary name and moves it into place when it is complete."""
-
-    def __init__(self, out: Path, name: str):
-        self.final = out / f"{name}.array_record"
-        self.sidecar = out / f"{name}.json"
-        self.tmp = out / f"{name}.array_record.tmp"
-        self.tmp.unlink(missing_ok=True)  # a partial shard of an interrupted run
-        self._writer: ArrayRecordWriter | None = ArrayRecordWriter(str(self.tmp), WRITER_OPTIONS)
-        self.encoded = 0
-        self.skipped: list[dict[str, Any]] = []
-        self.bad = np.zeros(len(REASONS), np.int64)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._writer.write(serialization.msgpack_serialize(record))
-        self.encoded += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def commit(self, records: range) -> dict[str, Any]:
-        self.close()
-        summary = {"records": [records.start, records.stop], "encoded": self.encoded,
-                   "skipped": self.skipped,
-                   "bad_data": {r: int(n) for r, n in zip(REASONS, self.bad) if n}}
-        _write_json(self.sidecar, summary)
-        os.replace(self.tmp, self.final)
-        return summary
-
-
 def _skip_reason(sample: dict[str, Any]) -> str:
     # The reason that dropped a sample is tallied last, after any repairs.
     return str(sample["bad_names"]).splitlines()[-1].split("\t", 1)[0]
-
-
-def _finalize(out: Path, layout: Layout) -> dict[str, Any] | None:
-    """metadata.json with the totals, once every shard is in (whichever process is last)."""
-    if not all(_complete(out, layout, k) for k in range(layout.num_shards)):
-        return None
-    metadata = json.loads((out / METADATA_NAME).read_text())
-    encoded, skipped, bad = 0, 0, dict.fromkeys(REASONS, 0)
-    for k in range(layout.num_shards):
-        shard = json.loads((out / f"{layout.name(k)}.json").read_text())
-        encoded += shard["encoded"]
-        skipped += len(shard["skipped"])
-        for reason, n in shard["bad_data"].items():
-            bad[reason] += n
-    metadata.update(complete=True, counts={"encoded": encoded, "skipped": skipped,
-                                           "bad_data": {r: n for r, n in bad.items() if n}})
-    _write_json(out / METADATA_NAME, metadata)
-    return metadata
 
 
 def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
@@ -293,20 +168,20 @@ def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
     _check_shape(vae, spec)
     scale, shift = _scaling(vae, scaling_factor), float(shift_factor)
     source = build_source_from_config(source_config)
-    layout = Layout(len(source), shard_size)
-    _prepare_out(out, dataset_spec(
+    layout = latent_shards.Layout(len(source), shard_size)
+    latent_shards.prepare_out(out, dataset_spec(
         vae, source_config, source, scaling_factor=scale, shift_factor=shift,
         latent_dtype=latent_dtype, store_std=store_std, layout=layout, weights=weights))
 
     owned = layout.owned(process_index, process_count)
-    todo = [k for k in owned if not _complete(out, layout, k)]
+    todo = [k for k in owned if not latent_shards.complete(out, layout, k)]
     indices = [i for k in todo for i in layout.records(k)]
     local_devices = jax.local_devices()
     batch_size = source_config.batch_size * len(local_devices)
     place = _placement(vae, local_devices) if todo else None
     frame_indices = (np.arange(spec.frames) * spec.stride[0]).astype(np.int32)
 
-    def encode(batch: list[dict[str, Any]], writer: _ShardWriter) -> None:
+    def encode(batch: list[dict[str, Any]], writer: latent_shards.ShardWriter) -> None:
         x = np.zeros((batch_size, spec.frames, *spec.size, 3), np.float32)
         x[:len(batch)] = np.stack([s["video"] for s in batch])  # padded: one compile
         post = vae.encode(place(x))
@@ -330,7 +205,7 @@ def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
             for k in todo:
-                writer, batch = _ShardWriter(out, layout.name(k)), []
+                writer, batch = latent_shards.ShardWriter(out, layout.name(k)), []
                 try:
                     for _ in layout.records(k):
                         s = next(it)
@@ -357,7 +232,7 @@ def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
     result = {"process_index": process_index, "process_count": process_count,
               "shards": len(owned), "shards_written": len(todo), "encoded": encoded,
               "skipped": skipped}
-    metadata = _finalize(out, layout)
+    metadata = latent_shards.finalize(out, layout)
     if metadata is not None:
         result["metadata"] = metadata
     return result
@@ -440,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata = result.get("metadata")
         if metadata is None:
             print(f"{args.out}: other processes' shards are still missing; "
-                  f"{METADATA_NAME} gets its totals when the last one finishes")
+                  f"{latent_shards.METADATA_NAME} gets its totals when the last one finishes")
         else:
             c = metadata["counts"]
             bad = ", ".join(f"{k} {v}" for k, v in c["bad_data"].items())

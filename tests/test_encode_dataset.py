@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvvae_jax import CVVAE, encode_dataset as ed
+from cvvae_jax import CVVAE, encode_dataset as ed, latent_shards
 from cvvae_jax.data import load_sample, parse_source, testing
 from cvvae_jax.data.transforms import SampleSpec
 from conftest import FIXTURES
@@ -65,8 +65,8 @@ def video_source(media):
 
 def read_all(out) -> list[dict]:
     """Every stored record, read back through Grain."""
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in ed.shard_paths(out)])
-    return [ed.read_record(source[i]) for i in range(len(source))]
+    source = grain.sources.ArrayRecordDataSource([str(p) for p in latent_shards.shard_paths(out)])
+    return [latent_shards.read_record(source[i]) for i in range(len(source))]
 
 
 def expected_latents(vae, source_config, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -144,13 +144,13 @@ def test_two_processes_write_disjoint_shards_covering_everything(media, vae, tmp
                               progress=False)
     # Shards 0 and 2 (records 0-1, 4-5); the totals wait for process 1.
     assert (first["shards"], first["encoded"], "metadata" in first) == (2, 4, False)
-    written_by_0 = {p.name for p in ed.shard_paths(out)}
+    written_by_0 = {p.name for p in latent_shards.shard_paths(out)}
     assert written_by_0 == {"latents-00000-of-00004.array_record",
                             "latents-00002-of-00004.array_record"}
     second = ed.encode_dataset(vae, source, out, shard_size=2, process_index=1, process_count=2,
                                progress=False)
     assert (second["shards"], second["encoded"], second["skipped"]) == (2, 2, 1)
-    assert {p.name for p in ed.shard_paths(out)} - written_by_0 == {
+    assert {p.name for p in latent_shards.shard_paths(out)} - written_by_0 == {
         "latents-00001-of-00004.array_record", "latents-00003-of-00004.array_record"}
 
     records = read_all(out)
