@@ -39,7 +39,7 @@ from .discriminator import NLayerDiscriminator3D, official_params
 from .image_vae import ImageVAE
 from .model_config import load_config
 from .pretrained import resolve_dir
-from .trainer import initial_config
+from .train_models import initial_config
 from .vae import CVVAE
 
 DISC_WEIGHTS_NAME = "discriminator.safetensors"
@@ -125,7 +125,7 @@ def checkpoint_step(src: Path) -> Path | None:
 
 
 class _ImageVAEConfig:
-    """What `trainer.initial_config` reads of the image VAE, its config: read only if the run
+    """What `train_models.initial_config` reads of the image VAE, its config: read only if the run
     inflated its autoencoder from it."""
 
     def __init__(self, path: str, subfolder: str | None):
