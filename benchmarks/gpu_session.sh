@@ -68,7 +68,7 @@ run() {
   done
   step 120 codec_576_bf16 benchmarks/codec.py --shape 17x576x1024 --dtype bf16 \
     --direction decode,encode --runs 3 --warmup 1 --json "$OUT/codec_576_bf16.json"
-  step 60 codec_256_fp32 benchmarks/codec.py --shape 17x256x256 --dtype fp32 \
+  step 90 codec_256_fp32 benchmarks/codec.py --shape 17x256x256 --dtype fp32 \
     --direction decode,encode --runs 3 --warmup 1 --json "$OUT/codec_256_fp32.json"
 }
 
