@@ -47,7 +47,7 @@ def pad_input(x: jax.Array, pads, modes=(ZEROS, EDGE)) -> jax.Array:
     """Apply the (lo, hi, mode) pads whose mode is in `modes` to the trailing spatial axes of x."""
     first = x.ndim - len(pads) - 1
     if ZEROS in modes:
-        widths = [(lo, hi) if m == ZEROS else (0, 0) for lo, hi, m in pads]
+        widths = zero_pads(pads)
         if any(widths):
             x = jnp.pad(x, [(0, 0)] * first + widths + [(0, 0)])
     if EDGE in modes:
