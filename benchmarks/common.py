@@ -47,14 +47,18 @@ def cpu_model() -> str:
     return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     dev = jax.devices()[0]
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable_cpus(),
             "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
             "device_kind": dev.device_kind, "device_count": jax.device_count(),
             "python": platform.python_version()}

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     units = [i for i, unit in enumerate(UNITS) if all(f in flags for f in unit[1])]
     if not units:
         sys.exit("error: /proc/cpuinfo lists none of avx2+fma, avx512f, avx512_bf16")
-    cores = len(os.sched_getaffinity(0))
+    cores = common.usable_cpus()
     mach = common.machine()
     print(common.machine_line(mach))
     with tempfile.TemporaryDirectory() as tmp:

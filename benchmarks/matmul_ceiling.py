@@ -19,7 +19,6 @@ same process: another library's rate on the same CPU. `cpu_peak.py` gives the CP
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import common
@@ -97,7 +96,7 @@ def measure_torch(shape, dtype: str, runs: int, warmup: int) -> dict:
         import torch
     except ImportError:
         sys.exit("error: --torch needs PyTorch, a test dependency: pip install -e '.[test]'")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(common.usable_cpus())
     m, k, n, bands = shape
     held = min(bands, HELD_BANDS)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
