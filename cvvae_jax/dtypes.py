@@ -17,9 +17,15 @@ STORAGE = ("float32", "bfloat16", "float16")
 _SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def canonical(name: str, allowed: tuple[str, ...] = COMPUTE, *, what: str = "dtype") -> str:
-    """numpy's name for `name` (short forms accepted); ValueError naming `what` otherwise."""
-    full = _SHORT.get(str(name).lower(), str(name).lower())
+def canonical(name, allowed: tuple[str, ...] = COMPUTE, *, what: str = "dtype") -> str:
+    """numpy's name for `name`, a string (short forms accepted) or a dtype such as
+    jnp.bfloat16; ValueError naming `what` otherwise."""
+    if not isinstance(name, str):
+        try:
+            name = jnp.dtype(name).name if name is not None else "None"
+        except TypeError:
+            name = repr(name)
+    full = _SHORT.get(name.lower(), name.lower())
     if full not in allowed:
         short = [s for s, f in _SHORT.items() if f in allowed]
         raise ValueError(f"{what} {name!r}: expected one of {', '.join(allowed)} "
@@ -27,7 +33,7 @@ def canonical(name: str, allowed: tuple[str, ...] = COMPUTE, *, what: str = "dty
     return full
 
 
-def resolve(name: str, allowed: tuple[str, ...] = COMPUTE, *, what: str = "dtype") -> np.dtype:
+def resolve(name, allowed: tuple[str, ...] = COMPUTE, *, what: str = "dtype") -> np.dtype:
     return jnp.dtype(canonical(name, allowed, what=what))
 
 

@@ -14,7 +14,7 @@ from . import nets_diffusers
 from .conv_kits import ImageKit
 from .model_config import ImageVAEConfig
 from .posterior import DiagonalGaussian
-from .pretrained import Pretrained, bound_part, check_pixels
+from .pretrained import PIXEL_MAX_ABS, Pretrained, bound_part, check_pixels
 
 
 class ImageVAE(Pretrained):
@@ -56,7 +56,7 @@ class ImageVAE(Pretrained):
     def encode(self, x) -> DiagonalGaussian:
         """(B, H, W, 3) in [-1, 1] -> posterior over (B, H/8, W/8, latent_channels)."""
         x = check_pixels(x, name="encode", rank=4, channels=self.config.in_channels,
-                         layout="(B, H, W, C)")
+                         layout="(B, H, W, C)", max_abs=PIXEL_MAX_ABS)
         s = self.config.space_factor
         if x.shape[1] % s or x.shape[2] % s:
             raise ValueError(f"encode: H x W = {x.shape[1]} x {x.shape[2]}; both must be "

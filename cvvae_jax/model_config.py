@@ -66,9 +66,7 @@ class _Config:
         annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for k, v in d.items():
             _check_type(f"{cls.CLASS_NAME} {k}", v, annotations[k])
-        cfg = cls(meta=meta, **{k: _tuple(v) for k, v in d.items()})
-        cfg.validate()
-        return cfg
+        return cls(meta=meta, **{k: _tuple(v) for k, v in d.items()})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "_Config":
@@ -90,9 +88,13 @@ class _Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **kw) -> "_Config":
-        cfg = dataclasses.replace(self, **kw)
-        cfg.validate()
-        return cfg
+        return dataclasses.replace(self, **kw)
+
+    def __post_init__(self) -> None:
+        # Every way of building a config (from_dict, replace, a direct call) is checked:
+        # a config built by hand with, say, chunks that are not whole latent frames
+        # otherwise gave latents of the wrong length without an error.
+        self.validate()
 
     def validate(self) -> None:
         raise NotImplementedError
@@ -326,6 +328,8 @@ def load_config(path: str | Path) -> _Config:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of config options, got a {type(d).__name__}")
     name = d.get("_class_name")
     if name not in CONFIG_CLASSES:
         raise ValueError(f"{path}: _class_name={name!r}; supported: {', '.join(CONFIG_CLASSES)}")

@@ -37,6 +37,8 @@ class DiagonalGaussian:
         return jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
+        if key is None or isinstance(key, int):
+            raise TypeError(f"sample: expected a PRNG key, e.g. jax.random.key(seed), got {key!r}")
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint, conv_forms, weights
+from . import checkpoint, conv_forms, dtypes, weights
 from .model_config import load_config
+from .posterior import DiagonalGaussian
 
 
 def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
@@ -32,8 +33,14 @@ def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
             hint = (f"; it looks like a Hugging Face repo id, and nothing is downloaded at run time: "
                     f"fetch it first (huggingface-cli download {path} --local-dir DIR) and pass DIR")
         raise FileNotFoundError(f"no such directory: {path}{hint}")
+    if Path(path).is_file():
+        raise FileNotFoundError(f"{path} is a file; pass the model directory that holds "
+                                f"{weights.CONFIG_NAME}: {Path(path).parent}")
+    if subfolder and (Path(path) / weights.CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}, but {path} holds a model itself: "
+                                "leave the subfolder out")
     subs = sorted(p.parent.name for p in Path(path).glob(f"*/{weights.CONFIG_NAME}"))
-    hint = f"; set the subfolder to one of {subs}" if subs and not subfolder else ""
+    hint = f"; set the subfolder to one of {subs}" if subs else ""
     raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}{hint}")
 
 
@@ -83,8 +90,18 @@ class Pretrained(nnx.Module):
     @classmethod
     def _check_config(cls, config, where: str):
         if not isinstance(config, cls.CONFIG_CLASSES):
-            names = [c.CLASS_NAME for c in cls.CONFIG_CLASSES]
-            raise ValueError(f"{where} holds a {config.CLASS_NAME}; {cls.__name__} loads {names}")
+            names = [c.__name__ for c in cls.CONFIG_CLASSES]
+            if not hasattr(config, "CLASS_NAME"):
+                raise TypeError(f"{where} is a {type(config).__name__}; {cls.__name__} takes one of "
+                                f"{names} (from a dict: {names[0]}.from_dict(d))")
+            raise ValueError(f"{where} holds a {config.CLASS_NAME}; {cls.__name__} loads "
+                             f"{[c.CLASS_NAME for c in cls.CONFIG_CLASSES]}")
+
+    @staticmethod
+    def _dtypes(dtype, param_dtype):
+        """Checked here so that a bad name fails at construction, not inside the first call."""
+        return (dtypes.resolve(dtype, dtypes.COMPUTE, what="dtype"),
+                dtypes.resolve(param_dtype, dtypes.STORAGE, what="param_dtype"))
 
     @classmethod
     def from_config(cls, config, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0):
@@ -94,6 +111,7 @@ class Pretrained(nnx.Module):
         CPU, which dominated the start-up of small models.
         """
         cls._check_config(config, "the config")
+        dtype, param_dtype = cls._dtypes(dtype, param_dtype)
         key = jax.random.key(seed, impl="rbg")
         return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
 
@@ -101,6 +119,7 @@ class Pretrained(nnx.Module):
     def abstract(cls, config, *, dtype=jnp.float32, param_dtype=jnp.float32):
         """The model with shape-only parameters: no memory, no init cost."""
         cls._check_config(config, "the config")
+        dtype, param_dtype = cls._dtypes(dtype, param_dtype)
         return nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
                                           rngs=nnx.Rngs(0)))
 
@@ -111,6 +130,7 @@ class Pretrained(nnx.Module):
         d = resolve_dir(path, subfolder)
         config = load_config(d / weights.CONFIG_NAME)
         cls._check_config(config, str(d / weights.CONFIG_NAME))
+        dtype, param_dtype = cls._dtypes(dtype, param_dtype)
         graphdef, abstract = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
         if checkpoint.is_orbax_dir(d):
             state = checkpoint.restore(d, abstract)
@@ -144,13 +164,30 @@ class Pretrained(nnx.Module):
         return sum(int(np.prod(v.shape)) for _, v in weights.params_of(nnx.state(self)))
 
 
-def check_pixels(x, *, name: str, rank: int, channels: int, layout: str) -> jax.Array:
-    """Common checks on a float array in channels-last `layout`; returns a jax array."""
+# Pixels are in [-1, 1]; the slack lets decoded frames, which overshoot a little, be encoded
+# again, while frames in [0, 255] (any value above 1.5) are caught.
+PIXEL_MAX_ABS = 1.5
+
+
+@jax.jit
+def _finite_and_peak(x):
+    # One pass and one host sync for both checks (XLA:CPU's max drops NaNs, so it cannot
+    # answer the first).
+    return jnp.isfinite(x).all(), jnp.max(jnp.abs(x))
+
+
+def check_pixels(x, *, name: str, rank: int, channels: int, layout: str,
+                 max_abs: float | None = None) -> jax.Array:
+    """Common checks on a float array in channels-last `layout`; returns a jax array.
+    `max_abs` bounds |x| (PIXEL_MAX_ABS for pixels)."""
+    if isinstance(x, DiagonalGaussian):
+        raise TypeError(f"{name}: got the posterior (a DiagonalGaussian); pass its latents: "
+                        "post.mode() or post.sample(key)")
     shape = tuple(np.shape(x))
     if len(shape) != rank:
         hint = ""
         if rank == 5 and len(shape) == 4:
-            hint = "; for images add a time axis of 1: x[:, None]"
+            hint = "; for one video add a batch axis: x[None]; for a batch of images a time axis: x[:, None]"
         raise ValueError(f"{name}: expected a {rank}D array {layout}, got shape {shape}{hint}")
     if shape[-1] != channels:
         hint = ""
@@ -158,11 +195,19 @@ def check_pixels(x, *, name: str, rank: int, channels: int, layout: str) -> jax.
             hint = "; it looks channels-first, this API is channels-last (move axis 1 to the end)"
         raise ValueError(f"{name}: expected {channels} channels in the last axis of {layout}, "
                          f"got shape {shape}{hint}")
+    if 0 in shape:
+        raise ValueError(f"{name}: got an empty array, shape {shape} {layout}")
     dtype = np.asarray(x).dtype if not isinstance(x, jax.Array) else x.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name}: expected floating point values in [-1, 1], got {dtype}; "
                          "for uint8 frames use x.astype(np.float32) / 127.5 - 1")
     x = jnp.asarray(x)
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+    if isinstance(x, jax.core.Tracer):
+        return x
+    finite, peak = jax.device_get(_finite_and_peak(x))
+    if not finite:
         raise ValueError(f"{name}: contains NaN or Inf values")
+    if max_abs is not None and peak > max_abs:
+        raise ValueError(f"{name}: expected pixels in [-1, 1], got values up to {peak:g} in magnitude; "
+                         "for frames in [0, 255] use x / 127.5 - 1")
     return x

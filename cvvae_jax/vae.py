@@ -23,7 +23,7 @@ from . import inflate, nets_diffusers, nets_v1, tiling
 from .conv_kits import SD3Kit
 from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
 from .posterior import DiagonalGaussian
-from .pretrained import Pretrained, bound_part, check_pixels
+from .pretrained import PIXEL_MAX_ABS, Pretrained, bound_part, check_pixels
 
 # Called with (chunks done, chunks in all) after each frame chunk has been computed.
 Progress = Callable[[int, int], None]
@@ -82,7 +82,8 @@ class CVVAE(Pretrained):
 
     def _check_video(self, x) -> jax.Array:
         cfg = self.config
-        x = check_pixels(x, name="encode", rank=5, channels=cfg.in_channels, layout="(B, T, H, W, C)")
+        x = check_pixels(x, name="encode", rank=5, channels=cfg.in_channels, layout="(B, T, H, W, C)",
+                         max_abs=PIXEL_MAX_ABS)
         _, t, h, w, _ = x.shape
         f = cfg.time_factor
         if (t - 1) % f:

@@ -23,13 +23,16 @@ def video(t=5, h=16, w=24, c=3, dtype=np.float32):
 
 
 @pytest.mark.parametrize("x,message", [
-    (np.zeros((1, 16, 24, 3), np.float32), r"expected a 5D array .* for images add a time axis"),
+    (np.zeros((5, 16, 24, 3), np.float32),
+     r"expected a 5D array .* for one video add a batch axis: x\[None\]; .* images a time axis"),
     (np.zeros((1, 3, 5, 16, 24), np.float32), "looks channels-first"),
     (video(c=4), "expected 3 channels"),
     (video(t=6), r"T=6 frames; .* T = 1 \+ 4k \(nearest valid: 5 or 9\)"),
     (video(t=3), r"nearest valid: 1 or 5"),
     (video(h=20), r"20 x 24; both must be multiples of 8 \(e.g. 16 x 24\)"),
     (video(dtype=np.uint8), r"floating point .* x.astype\(np.float32\) / 127.5 - 1"),
+    (video() + 255.0, r"pixels in \[-1, 1\], got values up to 255 .* x / 127.5 - 1"),
+    (video(h=0), r"empty array, shape \(1, 5, 0, 24, 3\)"),
 ])
 def test_encode_rejects(vae, x, message):
     with pytest.raises(ValueError, match=message):
@@ -46,7 +49,16 @@ def test_encode_rejects_non_finite(vae):
         vae.encode(jnp.asarray(x))
 
 
+def test_encode_takes_decoded_frames_that_overshoot_a_little(vae):
+    assert vae.encode(video() + 1.2).mean.shape == (1, 2, 2, 3, 4)
+
+
 def test_decode_rejects(vae):
+    post = vae.encode(video())
+    with pytest.raises(TypeError, match=r"got the posterior .* post.mode\(\) or post.sample\(key\)"):
+        vae.decode(post)
+    with pytest.raises(TypeError, match=r"expected a PRNG key, e.g. jax.random.key\(seed\), got 0"):
+        post.sample(0)
     with pytest.raises(ValueError, match="expected 4 channels"):
         vae.decode(np.zeros((1, 2, 2, 3, 16), np.float32))
     with pytest.raises(ValueError, match="expected a 5D array"):
@@ -58,6 +70,8 @@ def test_image_vae_rejects(image_vae):
         image_vae.encode(video())
     with pytest.raises(ValueError, match="multiples of 8"):
         image_vae.encode(np.zeros((1, 12, 16, 3), np.float32))
+    with pytest.raises(ValueError, match=r"pixels in \[-1, 1\]"):
+        image_vae.encode(np.full((1, 16, 16, 3), 200.0, np.float32))
 
 
 def test_valid_shapes_give_the_documented_latent_shapes(vae):

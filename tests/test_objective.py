@@ -18,7 +18,9 @@ from cvvae_jax.objective import LogVars, Objective
 from cvvae_jax.posterior import DiagonalGaussian
 from conftest import FAST_COMPILE
 
-IMAGE_VAE = ImageVAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+IMAGE_VAE = ImageVAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                           down_block_types=("DownEncoderBlock2D",) * 4,
+                           up_block_types=("UpDecoderBlock2D",) * 4)
 VIDEO_VAE = CVVAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=())
 fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -75,6 +76,12 @@ def test_hugging_face_subfolder_layout(tmp_path):
     assert vae.config.ch == 32
     with pytest.raises(FileNotFoundError, match=r"subfolder to one of \['vae3d'\]"):
         cvvae_jax.CVVAE.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"vae3d_sd3; set the subfolder to one of \['vae3d'\]"):
+        cvvae_jax.CVVAE.from_pretrained(tmp_path, subfolder="vae3d_sd3")
+    with pytest.raises(FileNotFoundError, match="holds a model itself: leave the subfolder out"):
+        cvvae_jax.CVVAE.from_pretrained(tmp_path / "vae3d", subfolder="vae3d")
+    with pytest.raises(FileNotFoundError, match=r"config.json is a file; pass the model directory"):
+        cvvae_jax.CVVAE.from_pretrained(tmp_path / "vae3d" / "config.json")
 
 
 def test_from_pretrained_picks_the_variant_from_class_name():
@@ -82,6 +89,25 @@ def test_from_pretrained_picks_the_variant_from_class_name():
                       cvvae_jax.CVVAESD3Config)
     with pytest.raises(ValueError, match="holds a AutoencoderKL"):
         cvvae_jax.CVVAE.from_pretrained(FIXTURES / "sd_vae_tiny")
+
+
+def test_configs_built_by_hand_are_checked():
+    # Chunks of 6 frames are not whole latent frames: the encode gave latents one frame short.
+    with pytest.raises(ValueError, match="en_de_n_frames_a_time=6 must be a positive multiple"):
+        cvvae_jax.CVVAEConfig(en_de_n_frames_a_time=6)
+    config = cvvae_jax.CVVAEConfig()
+    with pytest.raises(ValueError, match="tiles of 100 px"):
+        config.replace(tile_spatial_size=100)
+    with pytest.raises(TypeError, match=r"is a dict; CVVAE takes one of .*CVVAEConfig.from_dict\(d\)"):
+        cvvae_jax.CVVAE.from_config({"ch": 32})
+
+
+def test_dtypes_are_checked_when_the_model_is_built():
+    assert cvvae_jax.CVVAE.from_pretrained(V1, dtype="bf16").dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"dtype 'int8': expected one of float32, bfloat16"):
+        cvvae_jax.CVVAE.from_pretrained(V1, dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"param_dtype 'int32': expected one of float32, bfloat16, float16"):
+        cvvae_jax.ImageVAE.abstract(cvvae_jax.ImageVAEConfig(), param_dtype="int32")
 
 
 def _copy_with(tmp_path, state_dict=None, config=None):
@@ -139,9 +165,10 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
     ({"ch_mult": 3}, r"CVVAEModel ch_mult=3: expected tuple\[int, ...\]"),
     ({"causal_encoder": "yes"}, "causal_encoder='yes': expected bool"),
     ({"tile_spatial_size": 32.5}, r"tile_spatial_size=32.5: expected int \| None"),
+    ([], "expected a JSON object of config options, got a list"),
 ])
 def test_bad_config_options_are_rejected(tmp_path, change, message):
-    config = json.loads((V1 / "config.json").read_text()) | change
+    config = change if isinstance(change, list) else json.loads((V1 / "config.json").read_text()) | change
     with pytest.raises(ValueError, match=message):
         cvvae_jax.CVVAE.from_pretrained(_copy_with(tmp_path, config=config))
 
