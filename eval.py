@@ -15,11 +15,10 @@ import sys
 
 from absl import app
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from cvvae_jax import cli, evaluation
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "evaluation config file")
+_CONFIG = cli.define_config("configs/eval.py", "evaluation config file")
 
 
 def main(argv) -> int:
@@ -30,4 +29,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -4,8 +4,9 @@ r"""Train CV-VAE (or the image VAE) on one CPU, a GPU, or a TPU pod.
     python train.py --config=configs/cvvae.py --workdir=gs://... --config.image_vae.path=...
 
 Any config field can be overridden on the command line (`--config.optim.lr=1e-4`).
-Multi-host: launch one process per host; jax.distributed is initialised from the
-cluster environment (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+Multi-host: launch one process per host, with --cluster_auto_detect on a cluster JAX
+knows (Cloud TPU pods, SLURM, Open MPI, Kubernetes), else with JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID set.
 """
 
 import json
@@ -15,13 +16,14 @@ import sys
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from cvvae_jax import sharding
+from cvvae_jax import cli, sharding
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cvvae.py", "training config file")
+_CONFIG = cli.define_config("configs/cvvae.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, logs, samples); "
                                "default runs/<config name>")
+_CLUSTER = flags.DEFINE_bool("cluster_auto_detect", False, "join a multi-process run that JAX "
+                             "finds on its own (Cloud TPU pod, SLURM, Open MPI, Kubernetes)")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -43,19 +45,19 @@ def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
-    sharding.initialize_distributed()
+    sharding.initialize_distributed(cluster_auto_detect=_CLUSTER.value)
     from cvvae_jax.trainer import Trainer  # after jax.distributed
 
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[-1])
-    cache_compiles(_CONFIG.value, workdir)
     try:
+        cache_compiles(_CONFIG.value, workdir)  # the first read of the config: a missing file raises
         results = Trainer(_CONFIG.value, workdir).train()
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     print(json.dumps({"workdir": workdir, **results}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -41,8 +41,8 @@ from .metrics_log import MetricsLog
 from .objective import Objective, per_frame
 from .posterior import DiagonalGaussian
 from .run_checkpoint import PreemptionGuard, RunCheckpointer
-from .train_models import (check_config, initial_autoencoder, initial_config, load_image_vae,
-                           model_class)
+from .train_models import (check_config, check_data_shapes, initial_autoencoder, initial_config,
+                           load_image_vae, model_class)
 from .train_step import GraphDefs, TrainState, init_state, make_train_step, optimizers, schedules
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,6 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         check_config(config)
         self.config, self.workdir = config, Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = sharding.make_mesh(dict(config.mesh))
         dtype = dtypes.resolve(config.model.dtype, what="config.model.dtype")
         image_vae = load_image_vae(config, dtype)
@@ -122,8 +121,10 @@ class Trainer:
         lpips = load_lpips(config.loss.lpips_vgg_path or None, dtype=dtype)
         self.objective = Objective(**{k: v for k, v in dict(config.loss).items()
                                       if k not in ("lpips_vgg_path", "logvar_init")})
-        self.vae_abstract = model_class(config.model.kind).abstract(
-            initial_config(config, image_vae), dtype=dtype)
+        vae_config = initial_config(config, image_vae)
+        check_data_shapes(config, vae_config)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.vae_abstract = model_class(config.model.kind).abstract(vae_config, dtype=dtype)
         rm = remat.resolve(config.remat)
         if rm.blocks:  # before the graph definitions are split off: they carry the switch
             for model in (self.vae_abstract, image_vae):

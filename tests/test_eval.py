@@ -223,3 +223,12 @@ def test_eval_py_reports_a_bad_path_in_one_line():
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: config.data='/nonexistent/videos' does not exist\n"
+
+
+def test_eval_py_reports_a_misspelt_override_in_one_line():
+    # Without --config, ml_collections loads the default file and applies the overrides
+    # while the flag is defined, before absl parses anything.
+    proc = subprocess.run([sys.executable, "eval.py", "--config.framez=33"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: --config.framez: the config has no field 'framez'; did you mean 'frames'?\n"

@@ -396,10 +396,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(env, reference, 
     assert_same_export(workdir, reference.workdir)
 
 
-def test_missing_path_is_a_one_line_error(env, tmp_path):
-    run = Run("missing", tmp_path / "run", env, "--config.image_vae.path=/nonexistent").check(2)
+@pytest.mark.parametrize("args,error", [
+    (["--config.image_vae.path=/nonexistent"], "config.image_vae.path='/nonexistent' does not exist"),
+    (["--config.optim.lrr=1"], "--config.optim.lrr: the config has no field 'lrr'; did you mean 'lr'?"),
+    (["IMAGE_VAE", "--config.data.sources[0].size=9,9"],
+     "config.data.sources[0] ('videos').size=(9, 9): (height, width), each a positive multiple of 2, "
+     "the model's spatial compression"),
+])
+def test_bad_config_is_a_one_line_error(env, tmp_path, args, error):
+    args = [image_vae_flag(env) if a == "IMAGE_VAE" else a for a in args]
+    run = Run("bad_config", tmp_path / "run", env, *args).check(2)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config.image_vae.path='/nonexistent' does not exist"], run.log()
+    assert errors == [f"error: {error}"], run.log()
     assert "Traceback" not in run.stderr
     assert run.stdout == ""
     assert not (tmp_path / "run").exists()  # it failed before creating anything
