@@ -14,9 +14,10 @@ workers the decoding threads share the trainer's process.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+import common
 
 from cvvae_jax import assets
 from cvvae_jax.data import default_config, make_train_pipeline
@@ -62,9 +63,10 @@ def measure(num_workers: int, args: argparse.Namespace) -> tuple[float, list[flo
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    print(common.machine_line(common.machine()))
     print(f"bundled clips {', '.join(assets.CLIPS)} (81 frames, 256x144) -> "
           f"{FRAMES}x{SIZE[0]}x{SIZE[1]}, batch {args.batch_size}, "
-          f"{args.read_threads} read thread(s) per process, {os.cpu_count()} CPU(s); "
+          f"{args.read_threads} read thread(s) per process, "
           f"median of {args.runs} runs x {args.batches} batches after {args.warmup} warm-up")
     print("| workers | frames/s | batches/s | run times (s) |")
     print("|---|---|---|---|")

@@ -29,7 +29,7 @@ def base() -> ml_collections.ConfigDict:
     c.size = 256  # square centre crop, after scaling the short side to it
     c.frames = 33  # per video clip, 1 + 4k
     c.stride = 3
-    c.short_clip = "pad"  # a video shorter than frames x stride: "pad" (repeat) or "skip"
+    c.short_clip = "pad"  # a video shorter than 1 + (frames - 1) x stride: "pad" (repeat) or "skip"
     c.mapping = "slice"  # which input frames the latents stand for: slice, mean, random, first
     c.baseline = True  # also score the image VAE applied frame by frame
     c.dtype = "float32"  # compute dtype: float32 or bfloat16

@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.read_threads = 2  # decoding threads per process and source
     c.prefetch = 2  # batches buffered ahead per worker
     c.seed = 0
-    c.short_clip = "pad"  # or "skip": a clip shorter than frames x stride
+    c.short_clip = "pad"  # or "skip": a video shorter than 1 + (frames - 1) x stride
     c.flip = True
     return c
 
