@@ -83,12 +83,29 @@ def prepare_out(out: Path, spec: dict[str, Any]) -> None:
         write_json(path, {**spec, "complete": False})
         return
     saved = json.loads(path.read_text())
-    diff = sorted(k for k in (set(spec) | set(saved)) - {"complete", "counts"}
-                  if saved.get(k) != spec.get(k))
+    saved = {k: v for k, v in saved.items() if k not in ("complete", "counts")}
+    diff = _differing(saved, spec)
     if diff:
         raise ValueError(f"{out} holds latents encoded with other settings (differing: "
-                         f"{', '.join(diff)}); pass the same arguments to resume, or use a "
+                         f"{'; '.join(diff)}); pass the same arguments to resume, or use a "
                          "new --out")
+
+
+def _differing(saved: dict, spec: dict, prefix: str = "") -> list[str]:
+    """`key: saved -> new` for each setting that differs, dotted into nested settings."""
+    out = []
+    for k in sorted(set(saved) | set(spec)):
+        a, b = saved.get(k), spec.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class ShardWriter:

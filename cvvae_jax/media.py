@@ -118,12 +118,28 @@ def read_video(
     return np.stack(frames), float(rate)
 
 
+# Containers that take H.264 (WebM and GIF do not).
+VIDEO_OUT_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi")
+
+
+def check_video_out(path) -> None:
+    """A path write_video can write, checked before any slow work."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a video file name, e.g. {path / 'out.mp4'}")
+    if path.suffix.lower() not in VIDEO_OUT_SUFFIXES:
+        raise ValueError(f"{path}: videos are written as H.264, into {', '.join(VIDEO_OUT_SUFFIXES)} "
+                         "files; end the name with one of them")
+
+
 def write_video(path, frames, fps: float, *, crf: int = 23) -> None:
-    """Writes an H.264 yuv420p mp4 that common players open.
+    """Writes an H.264 yuv420p video (mp4 and the other VIDEO_OUT_SUFFIXES) that common
+    players open.
 
     `frames` is uint8 or float in [-1, 1], shaped (T, H, W, 3).
     """
     path = pathlib.Path(path)
+    check_video_out(path)
     frames = _as_uint8_video(frames, f"write_video({path})")
     if not fps > 0:
         raise ValueError(f"write_video({path}): fps must be positive, got {fps}")

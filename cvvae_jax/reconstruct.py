@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, dtypes, media, metrics
+from . import cli, dtypes, media, metrics, weights
 from .model_config import CVVAEConfig, CVVAESD3Config, load_config
 from .pretrained import resolve_dir
 from .vae import CVVAE
@@ -193,11 +193,9 @@ def decode(vae: CVVAE, z, *, progress: bool = True) -> jax.Array:
 
 def save_latents(path: str | Path, z, metadata: dict[str, str | int | float]) -> None:
     """Writes (1, 1 + k, h, w, C) float32 latents and str metadata to a safetensors file."""
-    from safetensors.numpy import save_file
-
     meta = {"format": LATENTS_FORMAT, "version": LATENTS_VERSION, **metadata}
-    save_file({LATENTS_KEY: np.ascontiguousarray(np.asarray(z, np.float32))}, str(path),
-              metadata={k: str(v) for k, v in meta.items()})
+    weights.write_safetensors(Path(path), {LATENTS_KEY: np.asarray(z, np.float32)},
+                              metadata={k: str(v) for k, v in meta.items()})
 
 
 def load_latents(path: str | Path) -> tuple[np.ndarray, dict[str, str]]:
@@ -234,9 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, metavar="OUT.mp4",
                    help="output video (default: <input name>_recon.mp4)")
     p.add_argument("--size", metavar="HxW",
-                   help="frame size to crop or resize to (rounded to multiples of 8)")
+                   help="frame size to crop or resize to (rounded to multiples of the model's "
+                        "spatial factor, 8 for the official models)")
     p.add_argument("--fit", choices=("crop", "resize"), default="crop",
-                   help="how to reach multiples of 8 / --size (default: %(default)s)")
+                   help="how to reach those multiples / --size (default: %(default)s)")
     p.add_argument("--frames", choices=("pad", "trim"), default="pad",
                    help="reach 1 + 4k frames by repeating the last frame (output trimmed back) "
                         "or by dropping frames from the end (default: %(default)s)")
@@ -256,8 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "en_de_n_frames_a_time); lower it to save memory")
     p.add_argument("--tile", default=FROM_CONFIG, metavar="PX|none",
                    help="spatial tile size in pixels (default: config.json's tile_spatial_size)")
-    p.add_argument("--dtype", type=dtypes.arg(), default="float32",
-                   help="compute dtype: float32 or bfloat16 (fp32, bf16 also accepted)")
+    p.add_argument("--dtype", type=dtypes.arg(),
+                   help="compute dtype: float32 or bfloat16 (fp32, bf16 also accepted); default "
+                        "float32, or with --decode-only the one that encoded the latents")
     return p.parse_args(argv)
 
 
@@ -319,10 +319,15 @@ def _read_video(args, config) -> tuple[np.ndarray, float, int, dict[str, str]]:
         "size": f"{frames.shape[1]}x{frames.shape[2]}", "size_note": size_note}
 
 
-def _read_latents(path: Path) -> tuple[np.ndarray, float, int, dict[str, str]]:
+def _layout(config) -> str:
+    s = config.space_factor
+    return f"(B, T, H/{s}, W/{s}, C)"
+
+
+def _read_latents(path: Path, config) -> tuple[np.ndarray, float, int, dict[str, str]]:
     z, meta = load_latents(path)
     fps, n_out = float(meta["fps"]), int(meta["output_frames"])
-    print(f"input:   {path}: latents {z.shape} (B, T, H/8, W/8, C) of {meta['source']}; "
+    print(f"input:   {path}: latents {z.shape} {_layout(config)} of {meta['source']}; "
           f"{n_out} frames at {fps:g} fps")
     return z, fps, n_out, meta
 
@@ -335,11 +340,19 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--encode-only writes no video: drop --out and --side-by-side")
     if args.encode_only and args.latents is None:
         args.latents = Path(f"{args.input.stem}_latents.safetensors")
-    if args.out is None:
+    if args.out is None and not args.encode_only:
         args.out = Path(f"{args.input.stem}_recon.mp4")
     for out in (args.out, args.latents):
         if out is not None and out.resolve() == args.input.resolve():
             raise ValueError(f"{out} is the input file; write the output elsewhere")
+    if args.out is not None:
+        media.check_video_out(args.out)
+    if args.latents is not None:
+        if args.latents.is_dir():
+            raise ValueError(f"--latents {args.latents} is a directory; give a file name, "
+                             f"e.g. {args.latents / 'latents.safetensors'}")
+        if args.out is not None and args.latents.resolve() == args.out.resolve():
+            raise ValueError(f"--latents and --out are both {args.out}; give them different names")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -347,12 +360,17 @@ def _run(args: argparse.Namespace) -> None:
     clock = _Clock()
     config = _read_config(args)
     if args.decode_only:
-        z, fps, n_out, meta = clock("read", _read_latents, args.input)
+        z, fps, n_out, meta = clock("read", _read_latents, args.input, config)
         if meta["model"] != config.CLASS_NAME:
             raise ValueError(f"{args.input} holds latents of a {meta['model']}; "
                              f"--weights is a {config.CLASS_NAME}")
+        if args.dtype is None:  # the decode of the full run
+            args.dtype = meta.get("dtype", "float32")
+        elif args.dtype != meta.get("dtype", args.dtype):
+            print(f"note:    the latents were encoded in {meta['dtype']}; decoding in {args.dtype}")
     else:
         frames, fps, n_out, meta = clock("read", _read_video, args, config)
+    args.dtype = args.dtype or "float32"
 
     vae = clock("load", load_vae, args.weights, args.subfolder, dtype=args.dtype,
                            chunk_frames=args.chunk_frames, tile=args.tile)
@@ -361,11 +379,11 @@ def _run(args: argparse.Namespace) -> None:
     if not args.decode_only:
         x = media.to_float(frames)[None]  # a batch of one
         z = clock("encode", encode, vae, x)
-        print(f"latents: {tuple(z.shape)} (B, T, H/8, W/8, C), posterior mode")
+        print(f"latents: {tuple(z.shape)} {_layout(vae.config)}, posterior mode")
         if args.latents is not None:
             args.latents.parent.mkdir(parents=True, exist_ok=True)
             save_latents(args.latents, z, {
-                **meta, "layout": "(B, T, H/8, W/8, C) channels-last float32",
+                **meta, "layout": f"{_layout(vae.config)} channels-last float32",
                 "latent": "posterior mode (mean), unscaled: multiply by scaling_factor before "
                           "a diffusion model, divide its output by it before decoding",
                 "scaling_factor": getattr(vae.config, "scaling_factor", "none"),

@@ -8,6 +8,7 @@ parameter is its NNX path joined with dots, with `kernel`/`scale` read as
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -159,8 +160,14 @@ def to_state_dict(state: nnx.State, dtype=np.float32) -> dict[str, np.ndarray]:
     return dict(iter_state_dict(state, dtype))
 
 
-def write_safetensors(file: Path, state_dict: dict[str, np.ndarray]) -> None:
+def write_safetensors(file: Path, state_dict: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(file),
-              metadata={"format": "pt"})
+              metadata={"format": "pt"} if metadata is None else metadata)
+    # safetensors creates its files 0600; give them the mode open() would, so that a shared
+    # model directory stays readable by the others who use it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)

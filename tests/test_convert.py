@@ -104,6 +104,10 @@ def test_cli_float16_is_bit_exact(orbax_dirs, tmp_path):
         assert converted[key].dtype == np.float16, key
         np.testing.assert_array_equal(converted[key].view(np.uint16), value.view(np.uint16),
                                       err_msg=key)
+    # safetensors alone creates 0600 files, which others sharing the model could not read.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (dst / weights.WEIGHTS_NAME).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_orbax_round_trip_is_bit_exact_for_sd3(tmp_path):

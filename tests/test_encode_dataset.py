@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_with_no_duplicates_or_gaps(media, vae, tmp_path
     other = parse_source({**{k: getattr(source, k) for k in ("name", "kind", "path", "frames",
                                                                "size", "batch_size")},
                           "stride": 1})
-    with pytest.raises(ValueError, match=r"differing: stride"):
+    with pytest.raises(ValueError, match=r"differing: stride: 2 -> 1\)"):
         ed.encode_dataset(vae, other, out, shard_size=3, progress=False)
 
 

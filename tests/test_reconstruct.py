@@ -89,6 +89,19 @@ def test_encode_only_then_decode_only_equals_the_full_run(runs):
     assert fps_dec == fps_full == 30.0
 
 
+def test_decode_only_computes_in_the_dtype_that_encoded(tmp_path):
+    rc, _, err = run(CLIP, *COMMON, "--max-frames", 7, "--encode-only", "--dtype", "bf16",
+                     "--latents", tmp_path / "bf16.safetensors")
+    assert rc == 0, err
+    argv = [tmp_path / "bf16.safetensors", "--decode-only", "--weights", WEIGHTS, "--chunk-frames", 4]
+    rc, out, err = run(*argv, "--out", tmp_path / "a.mp4")
+    assert rc == 0, err
+    assert "model:   CVVAEModel, bfloat16," in out
+    rc, out, err = run(*argv, "--out", tmp_path / "b.mp4", "--dtype", "fp32")
+    assert rc == 0, err
+    assert "note:    the latents were encoded in bfloat16; decoding in float32" in out
+
+
 def test_trim_and_side_by_side(tmp_path):
     rc, out, err = run(CLIP, *COMMON, "--max-frames", 10, "--frames", "trim", "--side-by-side",
                        "--out", tmp_path / "sbs.mp4")
@@ -164,6 +177,12 @@ BAD = {
     "tiny size": (lambda d: [CLIP, "--size", "4x4"], "cropping leaves less than 8 px"),
     "not latents": (lambda d: [CLIP, "--decode-only"], "cannot read"),
     "output over input": (lambda d: [CLIP, "--out", CLIP], "is the input file"),
+    "output over latents": (lambda d: [CLIP, "--out", d / "x.mp4", "--latents", d / "x.mp4"],
+                            "--latents and --out are both"),
+    "gif output": (lambda d: [CLIP, "--out", d / "x.gif"], "videos are written as H.264"),
+    "output is a folder": (lambda d: [CLIP, "--out", d], "is a directory; give a video file name"),
+    "latents is a folder": (lambda d: [CLIP, "--encode-only", "--latents", d],
+                            "is a directory; give a file name"),
 }
 
 
