@@ -45,6 +45,7 @@ def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+    cli.one_line_warnings()
     sharding.initialize_distributed(cluster_auto_detect=_CLUSTER.value)
     from cvvae_jax.trainer import Trainer  # after jax.distributed
 
@@ -55,6 +56,9 @@ def main(argv) -> int:
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps({"workdir": workdir, **results}, indent=1))
     return 0
 

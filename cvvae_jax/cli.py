@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable
 
 
@@ -25,6 +26,16 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
+def one_line_warnings() -> None:
+    """Python warnings as one line each: the default format adds the source line that
+    raised them, which tells a command-line user nothing."""
+    warnings.formatwarning = _one_line_warning
+
+
 def quiet_libraries() -> None:
     """Silence the library chatter that would bury our own messages.
 
@@ -32,6 +43,7 @@ def quiet_libraries() -> None:
     reads end in asyncio "never retrieved" errors and in TensorStore callbacks
     hitting the closed event loop (unraisable exceptions).
     """
+    one_line_warnings()
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = _ignore_closed_event_loop

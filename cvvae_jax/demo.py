@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
 import jax
@@ -79,8 +80,9 @@ def main(argv=None) -> None:
     # Checked before any work, with the nearest counts, rather than by encode() later.
     if args.frames < 1 or (args.frames - 1) % f:
         lo, hi = valid_frame_counts(max(args.frames, 1), f)
-        raise SystemExit(f"error: --frames {args.frames}: the causal encoder needs 1 + {f}k "
-                         f"frames (nearest valid: {lo} or {hi})")
+        print(f"error: --frames {args.frames}: the causal encoder needs 1 + {f}k frames "
+              f"(nearest valid: {lo} or {hi})", file=sys.stderr)
+        raise SystemExit(2)  # the exit status of the package's other CLIs for bad input
 
     stage = _Stages(total=5)
     with stage(f"load clip {args.clip}, {args.frames} frames"):

@@ -98,7 +98,8 @@ def model_dir(path: str, subfolder: str, ema: bool) -> Path:
         return export
     if (d / "checkpoints").is_dir():
         raise EvalError(f"{d} is a training workdir without {export.name}/ (written when "
-                        "training ends); finish or resume the run, or export a model first")
+                        "training ends); finish or resume the run, or export its latest "
+                        f"checkpoint: python -m cvvae_jax.convert to-pytorch {d} DST")
     return resolve_dir(path, subfolder or None)  # raises, naming what is missing
 
 

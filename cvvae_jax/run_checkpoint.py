@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -144,6 +145,15 @@ class RunCheckpointer:
                            steps, self.directory)
         return None
 
+    def saved_config(self, step: int) -> dict[str, Any] | None:
+        """The config saved with `step`, or None where it has none or it does not read."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception:  # noqa: BLE001 - a step saved without a config, or damaged
+            return None
+        return dict(restored["config"])
+
     def wait(self) -> None:
         """Blocks until the async saves have been written."""
         self._manager.wait_until_finished()
@@ -174,8 +184,10 @@ class PreemptionGuard:
                     checkpointer.maybe_save(step, state, it, force=True)
                     break
 
-    One process: a SIGTERM handler sets a flag; it does no I/O itself, since a handler
-    runs between two bytecodes of the main thread, possibly in the middle of a save.
+    One process: a SIGTERM handler sets a flag; it does no buffered I/O itself, since a
+    handler runs between two bytecodes of the main thread, possibly in the middle of a save
+    or of a progress bar's write. Ctrl-C (SIGINT) does the same, so that an interrupted run
+    keeps its last steps; a second Ctrl-C raises KeyboardInterrupt at once.
     Several processes (jax.distributed): JAX's preemption service already catches
     SIGTERM there and agrees with all processes on the step at which each one sees
     `preempted(step)` (Orbax's `reached_preemption`, which CheckpointManager.save
@@ -185,27 +197,35 @@ class PreemptionGuard:
     """
 
     def __init__(self):
-        self._sigterm = threading.Event()
-        self._previous_handler = None
+        self._stop = threading.Event()
+        self._previous_handlers: dict[int, object] = {}
         self._multiprocess = False
+        self.reason = "SIGTERM"
 
     def __enter__(self) -> Self:
         self._multiprocess = jax.process_count() > 1
         if not self._multiprocess:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._multiprocess:
-            return
-        # None stands for a handler not set from Python: the default one.
-        previous = self._previous_handler
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for sig, previous in self._previous_handlers.items():
+            # None stands for a handler not set from Python: the default one.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous_handlers = {}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm.set()
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self._stop.is_set():
+                raise KeyboardInterrupt
+            # os.write: unbuffered, so safe even if the handler interrupted a print.
+            os.write(2, b"\ninterrupted: stopping after this step to save it "
+                        b"(Ctrl-C again to stop at once, unsaved)\n")
+        self.reason = signal.Signals(signum).name
+        self._stop.set()
 
     def preempted(self, step: int) -> bool:
         if self._multiprocess:
             return ocp.multihost.reached_preemption(step)
-        return self._sigterm.is_set()
+        return self._stop.is_set()

@@ -110,6 +110,17 @@ def _eval_clips(config, time_factor: int) -> np.ndarray:
     return clips[:, : 1 + (t - 1) // time_factor * time_factor]
 
 
+def _say(line: str) -> None:
+    """A line on stdout from process 0 that leaves a progress bar on the terminal intact."""
+    if jax.process_index() == 0:
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _eval_line(step: int, metrics: dict[str, float]) -> str:
+    return f"eval at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+
+
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         check_config(config)
@@ -184,6 +195,7 @@ class Trainer:
         """The step compiled for this batch shape (once), and its FLOPs for the MFU estimate."""
         shape = x.shape
         if shape not in self._compiled:
+            _say(f"compiling the train step for batch {shape} (once per shape)")
             t = time.perf_counter()
             traced = self._step.trace(state, self.frozen, x, self.key)
             compiled = traced.lower().compile()
@@ -191,8 +203,7 @@ class Trainer:
             # Before the first step allocates its temporaries: on a CPU backend the heap
             # the compiler freed would otherwise stay resident beside them.
             host_memory.release_freed_heap()
-            logger.info("compiled the step for batch %s in %.1f s (%.3g FLOP/step)", shape,
-                        time.perf_counter() - t, flops)
+            _say(f"compiled it in {time.perf_counter() - t:.1f} s ({flops:.3g} FLOP/step)")
             self._compiled[shape] = (compiled, flops)
         return self._compiled[shape]
 
@@ -216,8 +227,24 @@ class Trainer:
                                    "to start afresh")
             start, state, _ = restored
             origin = f"checkpoint step {start}"
+            saved_total = (ckpt.saved_config(start) or {}).get("total_steps", config.total_steps)
+            if saved_total != config.total_steps and start < config.total_steps:
+                print(f"note: config.total_steps is {config.total_steps}, {saved_total} when step "
+                      f"{start} was saved: the learning-rate schedule follows the new total",
+                      flush=True)
         else:
             state, origin = self.fresh_state()
+        if start >= config.total_steps:
+            # Launched again after its end: the export is redone (the first launch may have
+            # stopped between its last save and its export), nothing is trained or evaluated.
+            log.close()
+            ckpt.close()
+            pipeline.close()
+            self.export(state)
+            print(f"nothing to train: the run is at step {start}, config.total_steps is "
+                  f"{config.total_steps}; models in {self.workdir}/export and export_ema "
+                  "(raise config.total_steps to train on)", flush=True)
+            return {"complete_at": float(start)}
         logger.info("autoencoder from %s; %d steps to go", origin, config.total_steps - start)
         print(f"starting at step {start} from {origin}", flush=True)
 
@@ -227,6 +254,7 @@ class Trainer:
         results: dict[str, float] = {}
         if start == 0:
             before, clips = evaluator(state.gen["vae"], self.frozen)
+            _say(_eval_line(0, before))
             results.update({f"{k}_before": v for k, v in before.items()})
             log.write(0, before)
             write_samples(self.workdir / "samples", 0, clips)
@@ -244,7 +272,12 @@ class Trainer:
                    disable=jax.process_index() != 0, dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 30.0,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-        last_time, last_step, compiling = time.perf_counter(), start, 0.0
+        last_time, compiling = time.perf_counter(), 0.0
+        window = {"steps": 0, "examples": 0, "flops": 0.0}  # since the last perf row
+        # The sources take turns (a 1:1 mix alternates), so a log every `log_every` steps
+        # can land on the same source every time: each other source logs its next step.
+        sources = {s["name"] for s in config.data.sources}
+        owed: set[str] = set()
         step, metrics = start, None
         try:
             with PreemptionGuard() as guard:
@@ -266,35 +299,49 @@ class Trainer:
                             f"{run} steps in a row had non-finite losses or gradients (last at "
                             f"step {step}); stopping. Lower config.optim.lr, set "
                             "config.optim.grad_clip, or use float32 compute")
+                    window["steps"] += 1
+                    window["examples"] += x.shape[0]
+                    window["flops"] += flops
                     if step % config.log_every == 0 or step == config.total_steps:
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         now = time.perf_counter()
-                        dt = (now - last_time - compiling) / (step - last_step)
-                        last_time, last_step, compiling = now, step, 0.0
+                        # Over all sources' steps since the last perf row: their examples
+                        # and FLOPs differ, so both are summed, not taken from this batch.
+                        elapsed = now - last_time - compiling
+                        dt = elapsed / window["steps"]
                         metrics.update({"perf/step_time_s": dt,
-                                        "perf/examples_per_s": x.shape[0] / dt,
-                                        "perf/flops_per_step": flops,
+                                        "perf/examples_per_s": window["examples"] / elapsed,
+                                        "perf/flops_per_step": window["flops"] / window["steps"],
                                         "data/batch_frames": float(x.shape[1])})
-                        if peak > 0 and flops > 0:
-                            metrics["perf/mfu"] = flops / dt / peak
+                        if peak > 0 and window["flops"] > 0:
+                            metrics["perf/mfu"] = window["flops"] / elapsed / peak
+                        last_time, compiling = now, 0.0
+                        window = {"steps": 0, "examples": 0, "flops": 0.0}
                         metrics.update({k: float(v) for k, v in pipeline.metrics().items()})
                         log.write(step, {"source/" + name: 1.0, **metrics})
+                        owed = sources - {name}
                         # Drawn with the bar's next update, so a log line shows it once.
                         bar.set_postfix(loss=f"{metrics['loss/total']:.4g}",
                                         rec=f"{metrics['loss/rec']:.4f}", src=name,
                                         step=f"{dt:.3g}s",
                                         left=tqdm.format_interval(dt * (config.total_steps - step)),
                                         refresh=False)
+                    elif name in owed:
+                        owed.discard(name)
+                        losses = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        log.write(step, {"source/" + name: 1.0, **losses,
+                                         "data/batch_frames": float(x.shape[1])})
                     bar.update(1)
                     ckpt.maybe_save(step, state, pipeline)
                     if config.sample_every and step % config.sample_every == 0:
                         _, clips = evaluator(state.gen["vae"], self.frozen)
                         write_samples(self.workdir / "samples", step, clips)
                     if guard.preempted(step):
-                        logger.warning("preempted at step %d: saving and exiting", step)
-                        print(f"preempted: saved step {step}, exiting", flush=True)
+                        bar.close()
+                        print(f"stopping at step {step} ({guard.reason}): saving", flush=True)
                         ckpt.maybe_save(step, state, pipeline, force=True)
                         ckpt.wait()
+                        print(f"saved step {step}; the same command resumes the run", flush=True)
                         return {"preempted_at": float(step)}
             ckpt.maybe_save(step, state, pipeline, force=True)
             ckpt.wait()
@@ -305,6 +352,7 @@ class Trainer:
             pipeline.close()
 
         after, clips = evaluator(state.gen["vae"], self.frozen)
+        _say(_eval_line(step, after))
         results.update({f"{k}_after": v for k, v in after.items()})
         log.write(step, after)
         log.close()

@@ -158,3 +158,18 @@ def test_sigterm_sets_the_preemption_flag():
             time.sleep(0.01)  # Python runs the handler between bytecodes of this thread
         assert guard.preempted(1)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_ctrl_c_stops_after_the_step_and_twice_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while not guard.preempted(1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert guard.preempted(1) and guard.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            while time.monotonic() < deadline + 5:
+                time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) == before
