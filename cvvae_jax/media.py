@@ -162,6 +162,16 @@ def write_video(path, frames, fps: float, *, crf: int = 23) -> None:
         container.mux(stream.encode(None))  # flushes frames the encoder still holds
 
 
+def enlarge(video, min_height: int) -> np.ndarray:
+    """(T, H, W, C) frames repeated pixel by pixel, by the least whole factor that makes
+    them `min_height` tall or more, so that small training frames stay sharp on screen."""
+    video = np.asarray(video)
+    factor = -(-min_height // video.shape[1])
+    if factor <= 1:
+        return video
+    return video.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def side_by_side(*videos) -> np.ndarray:
     """Concatenates videos along width with white separators, e.g. input | reconstruction."""
     if not videos:

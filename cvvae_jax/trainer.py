@@ -80,6 +80,10 @@ class Evaluator:
         return out, media_out
 
 
+# Sample frames smaller than this are enlarged (whole pixels) in the PNG and mp4.
+SAMPLE_MIN_HEIGHT = 128
+
+
 def write_samples(directory: Path, step: int, clips: dict[str, np.ndarray], fps: float = 8.0):
     """input | 3D recon | image-VAE view of the latents, as a PNG grid and an mp4
     (process 0 writes; every process holds the same gathered arrays)."""
@@ -95,6 +99,7 @@ def write_samples(directory: Path, step: int, clips: dict[str, np.ndarray], fps:
         index = [0] + [1 + (i - 1) * (tl - 1) // max(t - 1, 1) for i in range(1, t)]
         rows.append(view[0][index])
         labels.append("image VAE")
+    rows = [media.enlarge(r, SAMPLE_MIN_HEIGHT) for r in rows]
     media.frame_grid_png(directory / f"step_{step:06d}.png", rows, labels=labels,
                          n_frames=min(4, x.shape[0]))
     if x.shape[0] > 1:

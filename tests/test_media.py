@@ -162,6 +162,15 @@ def test_side_by_side_puts_white_separator_between_videos():
         media.side_by_side(a, a[:2])
 
 
+def test_enlarge_repeats_whole_pixels_up_to_the_height():
+    video = np.arange(2 * 3 * 2 * 1).reshape(2, 3, 2, 1)
+    big = media.enlarge(video, 8)  # 3 px tall: a factor of 3 reaches 9 >= 8
+    assert big.shape == (2, 9, 6, 1)
+    np.testing.assert_array_equal(big[:, ::3, ::3], video)
+    np.testing.assert_array_equal(big[:, 2::3, 2::3], video)
+    assert media.enlarge(video, 3).shape == video.shape
+
+
 def test_frame_grid_png_layout_and_content(tmp_path):
     # Frame t is filled with the value 10 * t, so each tile shows which frame it took.
     video = np.broadcast_to(
