@@ -109,3 +109,12 @@ def test_default_config_parses_and_entries_are_checked():
         config.parse_source({**base, "kind": "tfds"})
     with pytest.raises(ValueError, match="unique"):
         config.parse_sources([base, base])
+    # Types are checked at start, naming the source (they failed inside the first batch).
+    for change, message in (({"frames": 9.0}, "frames must be an integer, got 9.0"),
+                            ({"size": (64.0, 64)}, r"size must be two integers, got \(64.0, 64\)"),
+                            ({"batch_size": 1.5}, "batch_size must be an integer"),
+                            ({"stride": 2.0}, "stride must be two integers"),
+                            ({"kind": "tfds", "tfds_name": "t", "video_key": "v", "image_key": "i"},
+                             "set one of video_key / image_key")):
+        with pytest.raises(ValueError, match=f"source 'v': {message}"):
+            config.parse_source({**base, **change})

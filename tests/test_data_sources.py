@@ -48,6 +48,21 @@ def test_video_folder_is_recursive_sorted_and_reads_captions(tmp_path):
         sources.video_folder(tmp_path, metadata=tmp_path / "meta.json")
 
 
+def test_caption_files_from_spreadsheets_and_their_gaps(tmp_path, caplog):
+    for name in ("a.mp4", "b.mp4"):
+        testing.write_indexed_video(tmp_path / name, 5)
+    # Excel writes UTF-8 CSVs with a byte-order mark; extensions may come without the dot.
+    (tmp_path / "bom.csv").write_text("\ufefffile,caption\na.mp4,ay\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        src = sources.FolderSource(tmp_path, media="video", extensions="mp4",
+                                   metadata=tmp_path / "bom.csv")
+    assert src.captions == ["ay", ""]
+    assert '1 of 2 files have no caption row and get "" (e.g. b.mp4)' in caplog.text
+    (tmp_path / "rows.jsonl").write_text('{"file": "a.mp4", "caption": "x"}\n{"file": "b.mp4"}\n')
+    with pytest.raises(KeyError, match=r"rows.jsonl row 2: no column/key \['caption'\]"):
+        sources.video_folder(tmp_path, metadata=tmp_path / "rows.jsonl")
+
+
 def test_webm_without_frame_count_uses_its_duration(tmp_path):
     testing.write_indexed_video(tmp_path / "v.webm", 20, codec="libvpx-vp9")
     with VideoReader(tmp_path / "v.webm") as reader:

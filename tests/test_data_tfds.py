@@ -52,6 +52,14 @@ def test_prepared_videos_stream_as_train_batches(video_dir, tmp_path):
         captions.update(zip(batch["name"], batch["caption"]))
     assert captions == {"a.mp4": "first", "b.mp4": "", "sub/c.mp4": "third"}
 
+    # Prepared again from the same files, it is read back; from others, refused (TFDS kept
+    # the old version and its counts were printed as the new dataset's).
+    again = tfds_videos.prepare(video_dir, tmp_path, short_side=32, max_frames=14,
+                                metadata=video_dir / "captions.csv")
+    assert again.info.splits["train"].num_examples == 3
+    with pytest.raises(ValueError, match="already holds cvvae_videos, prepared from"):
+        tfds_videos.prepare(tmp_path / "elsewhere", tmp_path, short_side=32, max_frames=14)
+
 
 def test_cli_stores_files_as_they_are_with_a_validation_split(video_dir, tmp_path, capsys):
     assert tfds_videos.main(["prepare", str(video_dir), str(tmp_path),

@@ -9,6 +9,7 @@ reference: docs/data.md.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,12 @@ class SourceConfig:
     name_key: str | None = None
 
     def __post_init__(self):
+        for key in ("frames", "batch_size", "size", "stride"):
+            value = getattr(self, key)
+            pair = key in ("size", "stride")
+            if not (len(value) == 2 and all(map(_is_int, value)) if pair else _is_int(value)):
+                raise ValueError(f"source {self.name!r}: {key} must be "
+                                 f"{'two integers' if pair else 'an integer'}, got {value!r}")
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, "
                              f"got {self.kind!r}")
@@ -77,6 +84,8 @@ class SourceConfig:
             raise ValueError(f"source {self.name!r}: kind {self.kind!r} needs `path`")
         if self.kind == "tfds" and not self.tfds_name:
             raise ValueError(f"source {self.name!r}: kind 'tfds' needs `tfds_name`")
+        if self.video_key and self.image_key:
+            raise ValueError(f"source {self.name!r}: set one of video_key / image_key, not both")
         if self.batch_size < 1:
             raise ValueError(f"source {self.name!r}: batch_size must be >= 1")
         if self.media == "image" and self.frames != 1:
@@ -88,6 +97,10 @@ class SourceConfig:
         if self.kind == "tfds":
             return "image" if self.image_key else "video"
         return "image" if self.kind == "image_folder" else "video"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def parse_source(entry: Mapping[str, Any]) -> SourceConfig:
@@ -102,10 +115,15 @@ def parse_source(entry: Mapping[str, Any]) -> SourceConfig:
     if missing:
         raise ValueError(f"source {entry.get('name')!r}: missing field(s) {missing}")
     stride = entry.get("stride", 1)
-    entry["stride"] = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    entry["size"] = tuple(entry["size"])
-    if entry.get("extensions") is not None:
-        entry["extensions"] = tuple(entry["extensions"])
+    entry["stride"] = (stride, stride) if _is_int(stride) else stride
+    for key in ("size", "stride", "extensions"):
+        value = entry.get(key)
+        if isinstance(value, (list, tuple)):
+            entry[key] = tuple(value)
+        elif key == "extensions" and isinstance(value, str):
+            entry[key] = (value,)
+        elif value is not None:  # a scalar where a pair belongs: SourceConfig names it
+            entry[key] = (value,)
     return SourceConfig(**entry)
 
 

@@ -137,7 +137,8 @@ class TrainPipeline(grain.DatasetIterator):
             it.start_prefetch()
 
     def close(self) -> None:
-        for it in self._iterators.values():
+        # getattr: also called by __del__ of a pipeline whose __init__ raised.
+        for it in getattr(self, "_iterators", {}).values():
             it.close()
         super().close()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +23,15 @@ import numpy as np
 from .bad_data import MediaError
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe_image, probe_video
 
+logger = logging.getLogger(__name__)
+
 
 def load_captions(path, *, file_key: str = "file",
                   caption_key: str = "caption") -> dict[str, str]:
     """{file: caption} from a CSV (header row), a JSON list of rows or {file: caption}
     object, or JSON Lines. A file is matched by relative path, file name or stem."""
     path = pathlib.Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # spreadsheets write CSVs with a BOM
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     elif path.suffix.lower() == ".jsonl":
@@ -38,19 +41,34 @@ def load_captions(path, *, file_key: str = "file",
         if isinstance(data, dict):
             return {str(k): str(v) for k, v in data.items()}
         rows = data
-    missing = [k for k in (file_key, caption_key) if rows and k not in rows[0]]
-    if missing:
-        raise KeyError(f"{path}: no column/key {missing} (found {sorted(rows[0])}); "
-                       f"set file_key / caption_key")
+    for i, row in enumerate(rows):
+        missing = [k for k in (file_key, caption_key) if k not in row]
+        if missing:
+            where = "" if i == 0 else f" row {i + 1}"
+            raise KeyError(f"{path}{where}: no column/key {missing} (found {sorted(row)}); "
+                           f"set file_key / caption_key")
     return {str(row[file_key]): str(row[caption_key]) for row in rows}
 
 
-def caption_for(captions: dict[str, str], rel: pathlib.PurePosixPath) -> str:
-    """The caption of the file at relative path `rel`, "" if the metadata has none."""
+def caption_for(captions: dict[str, str], rel: pathlib.PurePosixPath) -> str | None:
+    """The caption of the file at relative path `rel`, None if the metadata has none."""
     for key in (str(rel), rel.name, rel.stem):
         if key in captions:
             return captions[key]
-    return ""
+    return None
+
+
+def captions_for(metadata, files: list[str], **keys) -> list[str]:
+    """Each file's caption ("" without one), saying how many files the metadata missed:
+    rows keyed otherwise (./x.mp4, absolute paths) would leave every caption empty."""
+    captions = load_captions(metadata, **keys)
+    found = [caption_for(captions, pathlib.PurePosixPath(f)) for f in files]
+    missed = [f for f, c in zip(files, found) if c is None]
+    if missed:
+        logger.warning("%s: %d of %d files have no caption row and get \"\" (e.g. %s); rows "
+                       "match a file by its path under the folder, its name or its stem",
+                       metadata, len(missed), len(files), missed[0])
+    return ["" if c is None else c for c in found]
 
 
 def _first_readable(what: str, count: int, probe: Callable[[int], None]) -> None:
@@ -79,16 +97,18 @@ class FolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder not found: {self.root}")
         self.media = media
-        suffixes = {e.lower() for e in extensions}
+        if isinstance(extensions, str):
+            extensions = (extensions,)
+        suffixes = {("" if e.startswith(".") else ".") + e.lower() for e in extensions}
         self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
                             if p.suffix.lower() in suffixes and p.is_file())
         if not self.files:
             raise FileNotFoundError(f"no {media} files ({', '.join(sorted(suffixes))}) "
                                     f"under {self.root}")
-        captions = {}
+        self.captions = [""] * len(self.files)
         if metadata is not None:
-            captions = load_captions(metadata, file_key=file_key, caption_key=caption_key)
-        self.captions = [caption_for(captions, pathlib.PurePosixPath(f)) for f in self.files]
+            self.captions = captions_for(metadata, self.files, file_key=file_key,
+                                         caption_key=caption_key)
         probe = probe_video if media == "video" else probe_image
         _first_readable(f"{media} folder {self.root}", len(self.files),
                         lambda i: probe(self.root / self.files[i]))

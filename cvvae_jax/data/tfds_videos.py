@@ -23,6 +23,7 @@ import argparse
 import collections
 import fractions
 import io
+import json
 import logging
 import multiprocessing
 import pathlib
@@ -179,7 +180,7 @@ class CvvaeVideos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self.skipped[error.reason].append(rel)
                 logger.warning("skipping %s: %s: %s", rel, error.reason, error)
                 continue
-            caption = caption_for(self._captions, pathlib.PurePosixPath(rel))
+            caption = caption_for(self._captions, pathlib.PurePosixPath(rel)) or ""
             yield rel, {**example, "filename": rel, "caption": caption}
 
 
@@ -191,7 +192,22 @@ def prepare(src_dir, out_dir, **options) -> CvvaeVideos:
     lists the files left out by reason.
     """
     builder = CvvaeVideos(src_dir=src_dir, data_dir=str(out_dir), **options)
+    # TFDS keeps a prepared version as it is: without this record, preparing another folder
+    # into the same place printed the old dataset's counts as if they were the new one's.
+    made_from = {"src_dir": str(pathlib.Path(src_dir).resolve()),
+                 **{k: str(v) for k, v in sorted(options.items()) if k != "workers"}}
+    record = pathlib.Path(builder.data_dir) / "cvvae_prepared_from.json"
+    if (pathlib.Path(builder.data_dir) / "dataset_info.json").is_file():
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before != made_from:
+            raise ValueError(f"{builder.data_dir} already holds {NAME}, prepared from "
+                             f"{before or 'another source'}; prepare into a new OUT_DIR "
+                             "(or delete that one)")
+        logger.warning("%s is already prepared from these files and options: reading it back",
+                       builder.data_dir)
+        return builder
     builder.download_and_prepare(file_format="array_record")
+    record.write_text(json.dumps(made_from, indent=1) + "\n")
     return builder
 
 
