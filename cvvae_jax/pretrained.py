@@ -71,12 +71,21 @@ def bound_part(model: nnx.Module, method: str):
     values (`nnx.update`, loaded weights, new shardings) reach the calls; a model whose
     structure changes after its first call (a submodule or Variable replaced) needs a new one.
     """
-    if model not in _BOUND:
-        _BOUND[model] = (nnx.split(model), {})
-    (graphdef, state), parts = _BOUND[model]
-    if method not in parts:
-        parts[method] = functools.partial(jitted_part(graphdef, method), state)
-    return parts[method]
+
+    def call(x):
+        # Inside the caller's own jit the network is traced into it: a nested jit may not
+        # carry compiler options, which XLA:CPU's conv choice needs, and a split of a
+        # model made of tracers is not worth keeping.
+        if isinstance(x, jax.core.Tracer):
+            return getattr(model, method)(x)
+        if model not in _BOUND:
+            _BOUND[model] = (nnx.split(model), {})
+        (graphdef, state), parts = _BOUND[model]
+        if method not in parts:
+            parts[method] = functools.partial(jitted_part(graphdef, method), state)
+        return parts[method](x)
+
+    return call
 
 
 class Pretrained(nnx.Module):
