@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cvvae_jax.data import config, make_train_pipeline, testing, tfds_videos
+from cvvae_jax.data import config, make_train_pipeline, sources, testing, tfds_videos
 
 FILES = ["a.mp4", "b.mp4", "sub/c.mp4"]
 
@@ -59,6 +59,9 @@ def test_prepared_videos_stream_as_train_batches(video_dir, tmp_path):
     assert again.info.splits["train"].num_examples == 3
     with pytest.raises(ValueError, match="already holds cvvae_videos, prepared from"):
         tfds_videos.prepare(tmp_path / "elsewhere", tmp_path, short_side=32, max_frames=14)
+    with pytest.raises(ValueError, match=r"'cvvae_vidoes' is not prepared under .* "
+                                         r"\(prepared there: \['cvvae_videos'\]\)"):
+        sources.TfdsSource("cvvae_vidoes", data_dir=str(tmp_path), video_key="video")
 
 
 def test_cli_stores_files_as_they_are_with_a_validation_split(video_dir, tmp_path, capsys):

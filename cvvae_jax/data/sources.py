@@ -160,7 +160,15 @@ class TfdsSource:
         self._key = video_key or image_key
         self._caption_key, self._name_key = caption_key, name_key
         self._label = f"{name}/{split}"
-        self._records = tfds.data_source(name, split=split, data_dir=data_dir)
+        try:
+            self._records = tfds.data_source(name, split=split, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            # TFDS's own message lists every dataset it could download, thousands of lines.
+            root = pathlib.Path(data_dir or "~/tensorflow_datasets").expanduser()
+            here = sorted({p.relative_to(root).parts[0] for p in root.glob("**/dataset_info.json")})
+            raise ValueError(f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r} "
+                             f"(prepared there: {here or 'none'}); `python -m "
+                             "cvvae_jax.data.tfds_videos prepare` makes one from a folder") from None
         if len(self._records):
             first = self._records[0]
             missing = [k for k in (self._key, caption_key, name_key)
