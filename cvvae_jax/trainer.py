@@ -218,7 +218,6 @@ class Trainer:
         config = self.config
         pipeline = data.make_train_pipeline(config.data,
                                             per_process_batch_scale=jax.local_device_count())
-        log = MetricsLog(self.workdir, tensorboard=config.tensorboard)
         ckpt = RunCheckpointer(self.workdir / "checkpoints", save_every=config.checkpoint.every,
                                keep_last=config.checkpoint.keep_last,
                                keep_every=config.checkpoint.keep_every or None,
@@ -242,7 +241,6 @@ class Trainer:
         if start >= config.total_steps:
             # Launched again after its end: the export is redone (the first launch may have
             # stopped between its last save and its export), nothing is trained or evaluated.
-            log.close()
             ckpt.close()
             pipeline.close()
             self.export(state)
@@ -250,6 +248,8 @@ class Trainer:
                   f"{config.total_steps}; models in {self.workdir}/export and export_ema "
                   "(raise config.total_steps to train on)", flush=True)
             return {"complete_at": float(start)}
+        # Made only for a run that trains: a finished one launched again adds no event file.
+        log = MetricsLog(self.workdir, tensorboard=config.tensorboard)
         logger.info("autoencoder from %s; %d steps to go", origin, config.total_steps - start)
         print(f"starting at step {start} from {origin}", flush=True)
 
