@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from . import assets, media
-from .model_config import CVVAEConfig, valid_frame_counts
+from .model_config import CVVAEConfig, frame_count_problem
 from .vae import CVVAE
 
 # The official v1 architecture at the widths of tests/fixtures/cvvae_v1_tiny: the
@@ -77,11 +77,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = CVVAEConfig().replace(**TINY_CONFIG)
     f = config.time_factor
-    # Checked before any work, with the nearest counts, rather than by encode() later.
-    if args.frames < 1 or (args.frames - 1) % f:
-        lo, hi = valid_frame_counts(max(args.frames, 1), f)
-        print(f"error: --frames {args.frames}: the causal encoder needs 1 + {f}k frames "
-              f"(nearest valid: {lo} or {hi})", file=sys.stderr)
+    # Checked before any work rather than by encode() later.
+    problem = frame_count_problem(args.frames, f)
+    if problem:
+        print(f"error: --frames {args.frames}: {problem}", file=sys.stderr)
         raise SystemExit(2)  # the exit status of the package's other CLIs for bad input
 
     stage = _Stages(total=5)

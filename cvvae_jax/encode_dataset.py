@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import cli, dtypes, latent_shards, sharding
 from .data import SampleSpec, SourceConfig, build_source_from_config, parse_source
 from .data.transforms import EvalSample
+from .model_config import frame_count_problem
 from .pretrained import resolve_dir
 from .vae import CVVAE
 
@@ -64,8 +65,9 @@ def _scaling(vae, scaling_factor: float | None) -> float:
 
 def _check_shape(vae, spec: SampleSpec) -> None:
     cfg = vae.config
-    if (spec.frames - 1) % cfg.time_factor:
-        raise ValueError(f"--frames {spec.frames}: the encoder needs 1 + {cfg.time_factor}k")
+    problem = frame_count_problem(spec.frames, cfg.time_factor)
+    if problem:
+        raise ValueError(f"--frames {spec.frames}: {problem}")
     if spec.size[0] % cfg.space_factor or spec.size[1] % cfg.space_factor:
         raise ValueError(f"--size {spec.size[0]} {spec.size[1]}: both must be multiples of "
                          f"{cfg.space_factor}")

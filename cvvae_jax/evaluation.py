@@ -36,7 +36,7 @@ from .data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .eval_report import markdown_table, write_example
 from .image_vae import ImageVAE
 from .lpips import LPIPS, load_lpips, lpips_distance
-from .model_config import valid_frame_counts
+from .model_config import frame_count_problem
 from .pretrained import resolve_dir
 from .vae import CVVAE
 from .weights import CONFIG_NAME
@@ -72,11 +72,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise EvalError(f"config.data={config.data!r} is a file; give the folder that holds it")
     if config.lpips_vgg_path and not Path(config.lpips_vgg_path).is_file():
         raise EvalError(f"config.lpips_vgg_path={config.lpips_vgg_path!r} is not a file")
-    # Both official variants compress time 4x, and the data package takes 1 + 4k frames.
-    if config.frames < 1 or (config.frames - 1) % 4:
-        lo, hi = valid_frame_counts(config.frames, 4)
-        raise EvalError(f"config.frames={config.frames}: video clips need 1 + 4k frames "
-                        f"(nearest: {lo} or {hi})")
+    # Both official variants compress time 4x.
+    problem = frame_count_problem(config.frames, 4)
+    if problem:
+        raise EvalError(f"config.frames={config.frames}: {problem}")
     if config.mapping not in losses.MAPPINGS:
         raise EvalError(f"config.mapping={config.mapping!r}; expected one of {losses.MAPPINGS}")
     if config.size % 8 or config.size < MIN_SIZE:
@@ -228,15 +227,20 @@ def _check_usable(batch, pipeline, before: dict[str, int], source: str, root: Pa
 
 @contextlib.contextmanager
 def _quiet_bad_data(quiet: bool):
-    """Without skip_bad the error names the bad file: the data log's warning would repeat it."""
+    """Without skip_bad the error names an unusable file: the data log's warning would
+    repeat it. Repairs and upscaled media are still logged."""
     log = logging.getLogger(bad_data.__name__)
-    level = log.level
+
+    def usable(record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 3 and args[1] in UNUSABLE)  # BadDataLog's: source, reason, name
+
     if quiet:
-        log.setLevel(logging.ERROR)
+        log.addFilter(usable)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.removeFilter(usable)
 
 
 def _source_pass(config, models: Models, source: dict, pipeline: data.EvalPipeline, bar,

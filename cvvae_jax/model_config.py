@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -336,8 +335,10 @@ def load_config(path: str | Path) -> _Config:
     return CONFIG_CLASSES[name].from_dict(d)
 
 
-def valid_frame_counts(t: int, time_factor: int) -> tuple[int, int]:
-    """The valid counts 1 + k*f nearest to t, below and above."""
-    lo = 1 + max(0, (t - 1) // time_factor) * time_factor
-    hi = 1 + math.ceil(max(0, t - 1) / time_factor) * time_factor
-    return lo, hi if hi != lo else lo + time_factor
+def frame_count_problem(t: int, time_factor: int) -> str | None:
+    """Why t frames cannot be encoded, with the nearest counts that can; None if they can."""
+    if t >= 1 and (t - 1) % time_factor == 0:
+        return None
+    k = max(0, t - 1) // time_factor
+    lo, hi = 1 + k * time_factor, 1 + (k + 1) * time_factor
+    return f"the causal encoder needs 1 + {time_factor}k frames (nearest valid: {lo} or {hi})"

@@ -11,7 +11,7 @@ from flax import nnx
 
 from .image_vae import ImageVAE
 from .inflate import config_from_image_vae
-from .model_config import CVVAEConfig, CVVAESD3Config, ImageVAEConfig, load_config, valid_frame_counts
+from .model_config import CVVAEConfig, CVVAESD3Config, ImageVAEConfig, load_config, frame_count_problem
 from .vae import CVVAE
 
 MODEL_CONFIGS = {"cvvae": CVVAEConfig, "cvvae_sd3": CVVAESD3Config, "image_vae": ImageVAEConfig}
@@ -64,9 +64,9 @@ def check_data_shapes(config, model_config) -> None:
         for i, src in enumerate(list(config.data.get(group, []))):
             key = f"config.data.{group}[{i}] ({src.get('name')!r})"
             frames, size = src.get("frames"), tuple(src.get("size") or ())
-            if frames is not None and (frames < 1 or (frames - 1) % 4):
-                lo, hi = valid_frame_counts(frames, 4)
-                raise ConfigError(f"{key}.frames={frames}: clips need 1 + 4k frames (nearest: {lo} or {hi})")
+            problem = None if frames is None else frame_count_problem(frames, 4)
+            if problem:
+                raise ConfigError(f"{key}.frames={frames}: {problem}")
             if len(size) != 2 or min(size) < 1 or any(n % f for n in size):
                 raise ConfigError(f"{key}.size={size}: (height, width), each a positive multiple of "
                                   f"{f}, the model's spatial compression")

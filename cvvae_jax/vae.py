@@ -21,7 +21,7 @@ from flax import nnx
 
 from . import inflate, nets_diffusers, nets_v1, tiling
 from .conv_kits import SD3Kit
-from .model_config import CVVAEConfig, CVVAESD3Config, valid_frame_counts
+from .model_config import CVVAEConfig, CVVAESD3Config, frame_count_problem
 from .posterior import DiagonalGaussian
 from .pretrained import PIXEL_MAX_ABS, Pretrained, bound_part, check_pixels
 
@@ -85,11 +85,9 @@ class CVVAE(Pretrained):
         x = check_pixels(x, name="encode", rank=5, channels=cfg.in_channels, layout="(B, T, H, W, C)",
                          max_abs=PIXEL_MAX_ABS)
         _, t, h, w, _ = x.shape
-        f = cfg.time_factor
-        if (t - 1) % f:
-            lo, hi = valid_frame_counts(t, f)
-            raise ValueError(f"encode: T={t} frames; the causal encoder needs T = 1 + {f}k "
-                             f"(nearest valid: {lo} or {hi}); trim or pad the clip first")
+        problem = frame_count_problem(t, cfg.time_factor)
+        if problem:
+            raise ValueError(f"encode: T={t} frames; {problem}; trim or pad the clip first")
         s = cfg.space_factor
         if h % s or w % s:
             raise ValueError(f"encode: H x W = {h} x {w}; both must be multiples of {s} "

@@ -135,6 +135,25 @@ def test_grayscale_and_alpha_images_are_repaired_to_rgb(tmp_path):
         empty_file=1, unreadable=1, grayscale_repaired=1, alpha_repaired=1)
 
 
+def test_media_smaller_than_the_sample_are_counted_as_upscaled(tmp_path, caplog):
+    for name, shape in (("small.png", (8, 8)), ("narrow.png", (32, 14)), ("big.png", (20, 40))):
+        Image.fromarray(np.full(shape + (3,), 50, np.uint8)).save(tmp_path / name)
+    testing.write_indexed_video(tmp_path / "small.mp4", 3, size=(12, 12))
+    testing.write_indexed_video(tmp_path / "big.mp4", 3, size=(16, 24))
+    counts, used = {}, set()
+    with caplog.at_level(logging.WARNING, logger="cvvae_jax.data.bad_data"):
+        for kind in ("image_folder", "video_folder"):
+            pipeline = make_eval_pipeline(_config(tmp_path, kind=kind, frames=1, stride=1),
+                                          process_index=0, process_count=1)
+            used |= {n for _, b in pipeline for n, m in zip(b["name"], b["mask"]) if m}
+            counts[kind] = pipeline.skip_counts()["src"]
+    assert used == {"small.png", "narrow.png", "big.png", "small.mp4", "big.mp4"}
+    assert counts == {"image_folder": _counts(upscaled=2), "video_folder": _counts(upscaled=1)}
+    logged = sorted(r.getMessage() for r in caplog.records)
+    assert logged == [f"data source 'src': upscaled: {n} (logged once, counted each time)"
+                      for n in ("narrow.png", "small.mp4", "small.png")]
+
+
 def test_media_errors_survive_pickling_for_worker_processes():
     error = pickle.loads(pickle.dumps(bad_data.MediaError("decode_error", "x.mp4: broken")))
     assert (error.reason, str(error)) == ("decode_error", "x.mp4: broken")

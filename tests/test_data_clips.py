@@ -11,8 +11,8 @@ from cvvae_jax.data import clips, config, mixing, transforms
 def test_clip_lengths_are_one_plus_multiples_of_four():
     for frames in (1, 5, 9, 17, 33):
         clips.check_frames(frames)
-    for frames in (0, 2, 8, 16):
-        with pytest.raises(ValueError, match="1 \\+ 4k"):
+    for frames, nearest in ((0, "1 or 5"), (2, "1 or 5"), (8, "5 or 9"), (16, "13 or 17")):
+        with pytest.raises(ValueError, match=rf"frames={frames}: .* 1 \+ 4k frames \(nearest valid: {nearest}\)"):
             clips.check_frames(frames)
 
 

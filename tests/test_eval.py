@@ -21,7 +21,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from configs.eval import get_config
-from cvvae_jax import CVVAE, assets, cli, evaluation
+from cvvae_jax import CVVAE, assets, cli, data, evaluation
 from cvvae_jax.data import SampleSpec, load_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,3 +232,17 @@ def test_eval_py_reports_a_misspelt_override_in_one_line():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: --config.framez: the config has no field 'framez'; did you mean 'frames'?\n"
+
+
+def test_without_skip_bad_only_unusable_files_leave_the_data_log(caplog):
+    # The error that stops the pass names an unusable file; a repaired or upscaled one is
+    # still used, so only the data log can tell of it.
+    log = data.bad_data.BadDataLog(["src"])
+    counts = np.zeros((1, len(data.REASONS)), np.int32)
+    with caplog.at_level(logging.WARNING, logger="cvvae_jax.data.bad_data"):
+        with evaluation._quiet_bad_data(True):
+            log.add("src", counts, np.array(["unreadable\tbroken.mp4\nupscaled\tsmall.mp4"]))
+        log.add("src", counts, np.array(["decode_error\tcut.mp4"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "data source 'src': upscaled: small.mp4 (logged once, counted each time)",
+        "data source 'src': decode_error: cut.mp4 (logged once, counted each time)"]

@@ -29,7 +29,7 @@ def video(t=5, h=16, w=24, c=3, dtype=np.float32):
      r"expected a 5D array .* for one video add a batch axis: x\[None\]; .* images a time axis"),
     (np.zeros((1, 3, 5, 16, 24), np.float32), "looks channels-first"),
     (video(c=4), "expected 3 channels"),
-    (video(t=6), r"T=6 frames; .* T = 1 \+ 4k \(nearest valid: 5 or 9\)"),
+    (video(t=6), r"T=6 frames; .* needs 1 \+ 4k frames \(nearest valid: 5 or 9\)"),
     (video(t=3), r"nearest valid: 1 or 5"),
     (video(h=20), r"20 x 24; both must be multiples of 8 \(e.g. 16 x 24\)"),
     (video(dtype=np.uint8), r"floating point .* x.astype\(np.float32\) / 127.5 - 1"),

@@ -403,6 +403,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(env, reference, 
     (["IMAGE_VAE", "--config.data.sources[0].size=9,9"],
      "config.data.sources[0] ('videos').size=(9, 9): (height, width), each a positive multiple of 2, "
      "the model's spatial compression"),
+    (["IMAGE_VAE", "--config.data.sources[0].frames=6"],
+     "config.data.sources[0] ('videos').frames=6: the causal encoder needs 1 + 4k frames (nearest valid: 5 or 9)"),
 ])
 def test_bad_config_is_a_one_line_error(env, tmp_path, args, error):
     args = [image_vae_flag(env) if a == "IMAGE_VAE" else a for a in args]

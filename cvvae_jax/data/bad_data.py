@@ -25,9 +25,11 @@ SHORT_CLIP_SKIPPED = "short_clip_skipped"  # fewer frames than the clip needs, s
 SHORT_CLIP_PADDED = "short_clip_padded"  # last frame repeated, short_clip="pad"
 GRAYSCALE_REPAIRED = "grayscale_repaired"  # one channel copied to RGB
 ALPHA_REPAIRED = "alpha_repaired"  # composited over white
+# Used as it is, but worth knowing: training on blurred frames teaches the VAE to blur.
+UPSCALED = "upscaled"  # smaller than the sample size: enlarged to cover it
 
 REASONS = (EMPTY_FILE, UNREADABLE, DECODE_ERROR, SHORT_CLIP_SKIPPED,
-           SHORT_CLIP_PADDED, GRAYSCALE_REPAIRED, ALPHA_REPAIRED)
+           SHORT_CLIP_PADDED, GRAYSCALE_REPAIRED, ALPHA_REPAIRED, UPSCALED)
 _REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
 # A source whose records fail this many times in a row is broken, not unlucky:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model_config import frame_count_problem
+
 
 def check_frames(frames: int) -> None:
     """The VAE compresses time 4x after the first frame: clips have 1 + 4k frames."""
-    if frames < 1 or (frames - 1) % 4:
-        raise ValueError(f"clips need 1 + 4k frames (1, 5, 9, 17, 33, ...), got {frames}")
+    problem = frame_count_problem(frames, 4)
+    if problem:
+        raise ValueError(f"frames={frames}: {problem}")
 
 
 def span(frames: int, stride: int) -> int:

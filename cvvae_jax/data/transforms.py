@@ -26,6 +26,7 @@ from .bad_data import (
     DECODE_ERROR,
     SHORT_CLIP_PADDED,
     SHORT_CLIP_SKIPPED,
+    UPSCALED,
     MediaError,
     Tally,
 )
@@ -77,6 +78,14 @@ def _window(num_frames: int, spec: SampleSpec, rng) -> tuple[int, int]:
     return 0, spec.stride[0]
 
 
+def _cover(height: int, width: int, spec: SampleSpec, tally: Tally) -> tuple[int, int]:
+    """The size to resize to before the crop, counting media smaller than the sample."""
+    shape = cover_size(height, width, spec.size)
+    if shape[0] > height or shape[1] > width:
+        tally.add(UPSCALED)
+    return shape
+
+
 def _too_short(spec: SampleSpec, got: int, tally: Tally) -> None:
     """Applies the short-clip policy to a clip with only `got` of spec.frames frames."""
     if spec.short_clip == "skip":
@@ -95,14 +104,14 @@ def _video_frames(data, spec: SampleSpec, rng, tally: Tally) -> np.ndarray:
         frames = np.stack([pixels for pixels, _ in repaired])
         for reason in repaired[0][1]:
             tally.add(reason)
-        frames = resize_frames(frames, cover_size(*frames.shape[1:3], spec.size))
+        frames = resize_frames(frames, _cover(*frames.shape[1:3], spec, tally))
     else:
         with VideoReader(data) as reader:
             start, stride = _window(reader.num_frames, spec, rng)
             if spec.short_clip == "skip" and clips.span(spec.frames, stride) > reader.num_frames:
                 # Known from the header: no need to decode what will be dropped.
                 _too_short(spec, len(range(0, reader.num_frames, stride)), tally)
-            shape = cover_size(reader.height, reader.width, spec.size)
+            shape = _cover(reader.height, reader.width, spec, tally)
             frames = reader.read(start, stride, spec.frames, size=shape)
     if frames.shape[0] < spec.frames:
         _too_short(spec, frames.shape[0], tally)
@@ -117,7 +126,7 @@ def _image_frames(data, spec: SampleSpec, tally: Tally) -> np.ndarray:
         pixels, repairs = load_image(data)
     for reason in repairs:
         tally.add(reason)
-    return resize_frames(pixels[None], cover_size(*pixels.shape[:2], spec.size))
+    return resize_frames(pixels[None], _cover(*pixels.shape[:2], spec, tally))
 
 
 def load_sample(record: dict[str, Any], spec: SampleSpec,
