@@ -73,49 +73,88 @@ def _as_uint8_video(frames, what: str) -> np.ndarray:
     raise TypeError(f"{what}: expected uint8 or float frames, got dtype {frames.dtype}")
 
 
+def upright(frame: av.VideoFrame, pixels: np.ndarray) -> np.ndarray:
+    """A decoded frame's (H, W, C) pixels turned the way players show them.
+
+    Phones store portrait video as landscape frames with a display rotation in the
+    container; FFmpeg reports it per frame, counter-clockwise. Mirroring is not applied.
+    """
+    k = round(frame.rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(pixels, k)) if k else pixels
+
+
+class VideoIn:
+    """An open video file: its frame rate, then its frames decoded one at a time (upright).
+
+    `frames()` holds one frame at a time, so a long video can be processed in pieces;
+    `read_video` collects them all.
+    """
+
+    def __init__(self, path):
+        self.path = path = pathlib.Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; give a video file")
+        if not path.is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"video file is empty (0 bytes): {path}")
+        try:
+            self._container = av.open(str(path))
+        except av.error.FFmpegError as e:
+            raise ValueError(f"cannot decode {path} as a video: {e}") from e
+        if not self._container.streams.video:
+            self._container.close()
+            raise ValueError(f"{path} has no video stream")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        if not rate:
+            self._container.close()
+            raise ValueError(f"{path} does not declare a frame rate")
+        self.fps = float(rate)
+        # What the header says; the decoded count may differ (a truncated file, or none given).
+        self.frame_count_hint = int(self._stream.frames) or None
+
+    def __enter__(self) -> "VideoIn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._container.close()
+
+    def frames(self, *, max_frames: int | None = None, start: int = 0, stride: int = 1):
+        """Yields uint8 (H, W, 3) frames start, start + stride, ... (at most max_frames)."""
+        if start < 0 or stride < 1 or (max_frames is not None and max_frames < 1):
+            raise ValueError(
+                f"reading {self.path}: need start >= 0, stride >= 1, max_frames >= 1 or None; "
+                f"got start={start}, stride={stride}, max_frames={max_frames}")
+        n_decoded = n_kept = 0
+        try:
+            for frame in self._container.decode(self._stream):
+                index = n_decoded
+                n_decoded += 1
+                if index < start or (index - start) % stride:
+                    continue
+                n_kept += 1
+                yield upright(frame, frame.to_ndarray(format="rgb24"))
+                if n_kept == max_frames:
+                    break
+        except av.error.FFmpegError as e:
+            raise ValueError(f"cannot decode {self.path} as a video: {e}") from e
+        if not n_kept:
+            raise ValueError(
+                f"no frames read from {self.path}: {n_decoded} decodable frame(s), start={start}")
+
+
 def read_video(
     path, *, max_frames: int | None = None, start: int = 0, stride: int = 1
 ) -> tuple[np.ndarray, float]:
     """Decodes frames start, start + stride, ... (at most max_frames) of the first video stream.
 
-    Returns (uint8 frames (T, H, W, 3), frames per second of the source).
+    Returns (uint8 frames (T, H, W, 3), upright (`upright`), frames per second of the source).
     """
-    path = pathlib.Path(path)
-    if start < 0 or stride < 1 or (max_frames is not None and max_frames < 1):
-        raise ValueError(
-            f"read_video({path}): need start >= 0, stride >= 1, max_frames >= 1 or None; "
-            f"got start={start}, stride={stride}, max_frames={max_frames}")
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"video file is empty (0 bytes): {path}")
-
-    frames = []
-    n_decoded = 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            rate = stream.average_rate or stream.guessed_rate
-            for frame in container.decode(stream):
-                index = n_decoded
-                n_decoded += 1
-                if index < start or (index - start) % stride:
-                    continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) == max_frames:
-                    break
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot decode {path} as a video: {e}") from e
-
-    if not frames:
-        raise ValueError(
-            f"no frames read from {path}: {n_decoded} decodable frame(s), start={start}")
-    if not rate:
-        raise ValueError(f"{path} does not declare a frame rate")
-    return np.stack(frames), float(rate)
+    with VideoIn(path) as video:
+        frames = list(video.frames(max_frames=max_frames, start=start, stride=stride))
+        return np.stack(frames), video.fps
 
 
 # Containers that take H.264 (WebM and GIF do not).
@@ -132,34 +171,62 @@ def check_video_out(path) -> None:
                          "files; end the name with one of them")
 
 
-def write_video(path, frames, fps: float, *, crf: int = 23) -> None:
-    """Writes an H.264 yuv420p video (mp4 and the other VIDEO_OUT_SUFFIXES) that common
-    players open.
+class VideoOut:
+    """An H.264 yuv420p video (mp4 and the other VIDEO_OUT_SUFFIXES) that common players
+    open, written a few frames at a time; the file is complete once closed."""
 
-    `frames` is uint8 or float in [-1, 1], shaped (T, H, W, 3).
-    """
-    path = pathlib.Path(path)
-    check_video_out(path)
-    frames = _as_uint8_video(frames, f"write_video({path})")
-    if not fps > 0:
-        raise ValueError(f"write_video({path}): fps must be positive, got {fps}")
-    # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes: pad the
-    # bottom/right edge by replicating the last row/column. A reader gets one extra
-    # row/column on odd sides, rather than an error or a resampled picture.
-    _, h, w, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    def __init__(self, path, fps: float, *, crf: int = 23):
+        self.path = path = pathlib.Path(path)
+        check_video_out(path)
+        if not fps > 0:
+            raise ValueError(f"write_video({path}): fps must be positive, got {fps}")
+        self._fps, self._crf = fps, crf
+        self._container = self._stream = None
+        self.frames_written = 0
 
-    # 1001 keeps NTSC rates exact (30000/1001) while integer rates stay integers.
-    rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+    def __enter__(self) -> "VideoOut":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, width: int, height: int) -> None:
+        # 1001 keeps NTSC rates exact (30000/1001) while integer rates stay integers.
+        rate = fractions.Fraction(self._fps).limit_denominator(1001)
+        self._container = av.open(str(self.path), mode="w")
+        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(self._crf)}
+
+    def write(self, frames) -> None:
+        """Appends (T, H, W, 3) frames, uint8 or float in [-1, 1], all of one size."""
+        frames = _as_uint8_video(frames, f"write_video({self.path})")
+        # yuv420p stores chroma at half resolution, so libx264 refuses odd sizes: pad the
+        # bottom/right edge by replicating the last row/column. A reader gets one extra
+        # row/column on odd sides, rather than an error or a resampled picture.
+        _, h, w, _ = frames.shape
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if self._container is None:
+            self._open(frames.shape[2], frames.shape[1])
+        elif frames.shape[1:3] != (self._stream.height, self._stream.width):
+            raise ValueError(f"write_video({self.path}): frames of {h}x{w} after frames of "
+                             f"{self._stream.height}x{self._stream.width}")
         for image in frames:
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flushes frames the encoder still holds
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        self.frames_written += len(frames)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.mux(self._stream.encode(None))  # flushes frames the encoder holds
+            self._container.close()
+            self._container = None
+
+
+def write_video(path, frames, fps: float, *, crf: int = 23) -> None:
+    """Writes (T, H, W, 3) frames, uint8 or float in [-1, 1], as one `VideoOut` video."""
+    with VideoOut(path, fps, crf=crf) as out:
+        out.write(frames)
 
 
 def enlarge(video, min_height: int) -> np.ndarray:

@@ -165,3 +165,20 @@ def test_bundled_clips_and_images_make_samples():
     spec = SampleSpec(frames=1, size=(64, 64), stride=(1, 1), train=False)
     still = load_sample(images[0], spec, None)["video"]
     assert still.shape == (1, 64, 64, 3) and still.std() > 0.05
+
+
+def test_videos_with_a_display_rotation_are_sampled_upright(tmp_path):
+    # Stored 32x48 and turned clockwise for the display: 48x32 (H x W) upright.
+    path = tmp_path / "phone.mp4"
+    testing.write_corner_video(path, 9, size=(32, 48), rotation=-90)
+    with VideoReader(str(path)) as reader:
+        assert (reader.height, reader.width, reader.upright_size()) == (32, 48, (48, 32))
+        frames = reader.read(0, 1, 9, size=(24, 16))
+    assert frames.shape == (9, 24, 16, 3) and testing.white_box(frames[0]) == ((0, 12), (3, 15))
+    # A tall crop fits inside the upright frame without enlarging it.
+    spec = SampleSpec(frames=9, size=(40, 24), stride=(1, 1), train=False)
+    sample = load_sample(_record(path), spec, None)
+    assert sample["video"].shape == (9, 40, 24, 3) and sample["bad"].sum() == 0
+    # Scaled by 5/6 to 40x27, centre-cropped from column 1: the square's columns 24..31 -> 19..25.
+    (top, left), (bottom, right) = testing.white_box(sample["video"][0])
+    assert (top, right) == (0, 23) and 18 <= left <= 20 and 5 <= bottom <= 7, (left, bottom)

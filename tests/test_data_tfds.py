@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cvvae_jax.data import config, make_train_pipeline, sources, testing, tfds_videos
+from cvvae_jax.data.decode import VideoReader
 
 FILES = ["a.mp4", "b.mp4", "sub/c.mp4"]
 
@@ -112,3 +113,14 @@ def test_any_tfds_image_dataset_through_a_field_mapping(tmp_path):
     assert values == {"still0": 0, "still1": 40, "still2": 80}
     # One-channel pixels are repaired to RGB and counted.
     assert pipeline.skip_counts()["stills"]["grayscale_repaired"] == 3
+
+
+def test_prepared_videos_keep_their_display_rotation(tmp_path):
+    testing.write_corner_video(tmp_path / "phone.mp4", 3, size=(32, 48), rotation=-90)
+    record = tfds_videos.encode_example(tmp_path / "phone.mp4", short_side=16)  # re-encoded
+    assert (record["height"], record["width"], record["num_frames"]) == (24, 16, 3)
+    with VideoReader(record["video"]) as reader:
+        frames = reader.read(0, 1, 3)
+    assert frames.shape == (3, 24, 16, 3)
+    (top, left), (bottom, right) = testing.white_box(frames[0])
+    assert (top, right) == (0, 15) and 11 <= left <= 13 and 2 <= bottom <= 4, (left, bottom)  # halved

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from cvvae_jax import assets, media
+from cvvae_jax.data import testing
 
 
 def _gradient_video(t=12, h=64, w=96):
@@ -202,3 +203,15 @@ def test_frame_grid_png_labels_add_a_left_strip(tmp_path):
     assert (grid[20:, strip:strip + 24] == 0).all()
     with pytest.raises(ValueError, match="1 labels for 2 rows"):
         media.frame_grid_png(path, [video, video], labels=["only one"])
+
+
+@pytest.mark.parametrize("rotation,box", [
+    (-90, ((0, 24), (7, 31))),  # a phone's portrait video: turned clockwise, top left -> top right
+    (90, ((40, 0), (47, 7))),
+    (180, ((24, 40), (31, 47))),
+])
+def test_display_rotation_is_applied_as_players_do(tmp_path, rotation, box):
+    testing.write_corner_video(tmp_path / "phone.mp4", 2, size=(32, 48), rotation=rotation)
+    frames, _ = media.read_video(tmp_path / "phone.mp4")
+    assert frames.shape == ((2, 32, 48, 3) if rotation == 180 else (2, 48, 32, 3))
+    assert testing.white_box(frames[0]) == box

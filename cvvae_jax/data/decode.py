@@ -8,6 +8,7 @@ converting at full size and resizing afterwards.
 from __future__ import annotations
 
 import io
+import itertools
 import pathlib
 from typing import Self
 
@@ -16,6 +17,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..media import upright
 from .bad_data import (
     ALPHA_REPAIRED,
     DECODE_ERROR,
@@ -53,7 +55,12 @@ def _open_media(media) -> tuple[object, str]:
 
 
 class VideoReader:
-    """One open video: header facts, then frames by (start, stride, count)."""
+    """One open video: header facts, then frames by (start, stride, count), upright.
+
+    `height` and `width` are the stored frames'; `upright_size()` decodes the first
+    frame for the size players show (phones store portrait video turned, with a
+    display rotation).
+    """
 
     def __init__(self, media):
         target, self._what = _open_media(media)
@@ -72,6 +79,7 @@ class VideoReader:
             self.fps = float(rate)
             self.height, self.width = self._stream.height, self._stream.width
             self.num_frames = self._count_frames()
+            self._first = self._rest = None
         except MediaError:
             self._container.close()
             raise
@@ -91,6 +99,24 @@ class VideoReader:
             raise MediaError(UNREADABLE, f"{self._what} declares no frames")
         return frames
 
+    def _first_frame(self):
+        if self._first is None:
+            self._rest = self._container.decode(self._stream)
+            try:
+                self._first = next(self._rest)
+            except StopIteration:
+                raise MediaError(DECODE_ERROR, f"{self._what}: no frame decoded") from None
+            except av.error.FFmpegError as e:
+                raise MediaError(DECODE_ERROR, f"decoding {self._what} failed: {e}") from e
+        return self._first
+
+    def _turned(self) -> bool:
+        return round(self._first_frame().rotation / 90) % 2 == 1
+
+    def upright_size(self) -> tuple[int, int]:
+        """(height, width) as players show the video."""
+        return (self.width, self.height) if self._turned() else (self.height, self.width)
+
     def __enter__(self) -> Self:
         return self
 
@@ -105,14 +131,15 @@ class VideoReader:
              size: tuple[int, int] | None = None) -> np.ndarray:
         """Frames start, start + stride, ... (at most count) as uint8 (n, H, W, 3).
 
-        `size` = (height, width) scales each frame. Fewer than `count` frames come
-        back when the video ends early (its header promised more than it has).
+        `size` = (height, width), upright, scales each frame. Fewer than `count` frames
+        come back when the video ends early (its header promised more than it has).
         """
         wanted = start
         last = start + (count - 1) * stride
         kwargs = {"format": "rgb24"}
-        if size is not None and size != (self.height, self.width):
-            kwargs.update(height=size[0], width=size[1], interpolation="BICUBIC")
+        if size is not None and tuple(size) != self.upright_size():
+            stored = size[::-1] if self._turned() else size
+            kwargs.update(height=stored[0], width=stored[1], interpolation="BICUBIC")
         frames = []
         # One reformatter for the clip: it keeps its swscale context, which frame.to_ndarray
         # would rebuild for every frame (about 2/3 of the conversion time).
@@ -123,7 +150,12 @@ class VideoReader:
                 offset = round(start / self.fps / self._stream.time_base)
                 self._container.seek((self._stream.start_time or 0) + offset,
                                      stream=self._stream, backward=True)
-            for i, frame in enumerate(self._container.decode(self._stream)):
+                decoded = self._container.decode(self._stream)
+            elif self._first is not None:  # upright_size decoded it: the stream is past it
+                decoded = itertools.chain([self._first], self._rest)
+            else:
+                decoded = self._container.decode(self._stream)
+            for i, frame in enumerate(decoded):
                 if seek:
                     if frame.pts is None:
                         raise MediaError(DECODE_ERROR,
@@ -131,7 +163,7 @@ class VideoReader:
                     i = self._frame_index(frame)
                 if i < wanted:
                     continue
-                frames.append(reformatter.reformat(frame, **kwargs).to_ndarray())
+                frames.append(upright(frame, reformatter.reformat(frame, **kwargs).to_ndarray()))
                 wanted += stride
                 if wanted > last:
                     break

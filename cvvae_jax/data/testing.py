@@ -26,8 +26,11 @@ def indexed_frame(i: int, size: tuple[int, int]) -> np.ndarray:
 
 def write_indexed_video(path, num_frames: int, *, size: tuple[int, int] = (32, 32),
                         fps: int = 30, codec: str = "libx264", keyframe_interval=None,
-                        container_options=None) -> None:
-    """Writes frames 0..num_frames-1 (at most 240) with `indexed_frame` pixels."""
+                        container_options=None, rotation: int = 0) -> None:
+    """Writes frames 0..num_frames-1 (at most 240) with `indexed_frame` pixels.
+
+    `rotation` (degrees, counter-clockwise) is stored for the display, as phones do.
+    """
     if num_frames > _PER_ROW * _PER_ROW:
         raise ValueError(f"at most {_PER_ROW * _PER_ROW} distinguishable frames")
     with av.open(str(path), mode="w", options=container_options or {}) as container:
@@ -38,10 +41,36 @@ def write_indexed_video(path, num_frames: int, *, size: tuple[int, int] = (32, 3
         if keyframe_interval is not None:
             options["g"] = str(keyframe_interval)
         stream.options = options
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(indexed_frame(i, size), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+def write_corner_video(path, num_frames: int, *, size: tuple[int, int] = (32, 48),
+                       rotation: int = 0, corner: int = 8) -> None:
+    """Black frames with a white `corner` x `corner` square at the stored top left, and a
+    display `rotation` (degrees, counter-clockwise): where the square lands shows the turn."""
+    pixels = np.zeros((*size, 3), np.uint8)
+    pixels[:corner, :corner] = 255
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for _ in range(num_frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def white_box(frame: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, left), (bottom, right)) of the bright pixels of a uint8 or [-1, 1] frame."""
+    frame = np.asarray(frame, np.float32)
+    bright = np.argwhere(frame.mean(-1) > (0 if frame.max() <= 1 else 128))
+    return tuple(bright.min(0).tolist()), tuple(bright.max(0).tolist())
 
 
 def frame_ids(frames: np.ndarray) -> np.ndarray:

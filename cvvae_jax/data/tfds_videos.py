@@ -69,6 +69,8 @@ def _reencode(path: pathlib.Path, short_side: int | None, max_frames: int | None
             for i, frame in enumerate(src.decode(stream)):
                 if max_frames is not None and i >= max_frames:
                     break
+                if i == 0 and frame.rotation:  # kept: readers turn the frames upright
+                    enc.set_display_rotation(frame.rotation)
                 frame = frame.reformat(width=enc.width, height=enc.height, format="yuv420p",
                                        interpolation="BICUBIC")
                 # Renumbered at the output rate: source timestamps may be variable or offset.
@@ -94,7 +96,7 @@ def encode_example(path: pathlib.Path, *, short_side: int | None = None,
         data = _reencode(path, short_side, max_frames, crf)
     with VideoReader(data) as reader:
         info = {"num_frames": reader.num_frames, "fps": reader.fps,
-                "height": reader.height, "width": reader.width}
+                **dict(zip(("height", "width"), reader.upright_size()))}
     return {"video": np.frombuffer(data, np.uint8), **info}
 
 

@@ -111,7 +111,7 @@ def _video_frames(data, spec: SampleSpec, rng, tally: Tally) -> np.ndarray:
             if spec.short_clip == "skip" and clips.span(spec.frames, stride) > reader.num_frames:
                 # Known from the header: no need to decode what will be dropped.
                 _too_short(spec, len(range(0, reader.num_frames, stride)), tally)
-            shape = _cover(reader.height, reader.width, spec, tally)
+            shape = _cover(*reader.upright_size(), spec, tally)
             frames = reader.read(start, stride, spec.frames, size=shape)
     if frames.shape[0] < spec.frames:
         _too_short(spec, frames.shape[0], tally)
