@@ -86,9 +86,10 @@ def main(argv=None) -> None:
     stage = _Stages(total=5)
     with stage(f"load clip {args.clip}, {args.frames} frames"):
         frames, fps = media.read_video(assets.path(args.clip), max_frames=args.frames)
-        if len(frames) < args.frames:
-            raise SystemExit(f"error: --frames {args.frames}: {args.clip} has only {len(frames)} "
-                             f"frames; the largest valid count is {1 + (len(frames) - 1) // f * f}")
+    if len(frames) < args.frames:
+        print(f"error: --frames {args.frames}: {args.clip} has only {len(frames)} frames; the "
+              f"largest valid count is {1 + (len(frames) - 1) // f * f}", file=sys.stderr)
+        raise SystemExit(2)
 
     with stage("build tiny random CV-VAE"):
         vae = CVVAE.from_config(config, seed=args.seed)

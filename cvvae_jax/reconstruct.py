@@ -9,7 +9,8 @@
 Any video works: its frame count is padded (the last frame repeated) or trimmed
 to 1 + 4k, and its frames cropped or resized to multiples of 8; every change
 is printed. Long or large inputs run in the frame chunks and spatial tiles of
-config.json (or of --chunk-frames / --tile), with a progress bar per chunk.
+config.json (or of --chunk-frames / --tile), one chunk read, encoded, decoded and
+written at a time (`FrameChunks`), with a progress bar over the frames.
 The latents file holds the posterior mode, unscaled, and the metadata needed to
 decode it back to the same video (docs/inference.md). A failure prints one
 `error: ...` line and exits with status 2.
@@ -18,6 +19,8 @@ decode it back to the same video (docs/inference.md). A failure prints one
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import re
 import sys
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, dtypes, media, metrics, weights
+from . import cli, dtypes, media, metrics, tiling, weights
 from .model_config import CVVAEConfig, CVVAESD3Config, load_config
 from .pretrained import resolve_dir
 from .vae import CVVAE
@@ -47,24 +50,35 @@ FROM_CONFIG = "config"
 # -- fitting any video to what the encoder takes -------------------------------------------
 
 
+def fitted_count(t: int, mode: str, time_factor: int = 4) -> tuple[int, str]:
+    """The frame count the encoder gets for a t-frame video, and a line saying what changed."""
+    if (t - 1) % time_factor == 0:
+        return t, f"{t} (already 1 + {time_factor}k)"
+    need = f"the encoder needs 1 + {time_factor}k"
+    if mode == "trim":
+        n = 1 + (t - 1) // time_factor * time_factor
+        return n, f"{t} -> {n} (trimmed {t - n} from the end; {need})"
+    if mode == "pad":
+        n = 1 + math.ceil((t - 1) / time_factor) * time_factor
+        return n, (f"{t} -> {n} (padded {n - t} by repeating the last frame; {need}); "
+                   f"the output is trimmed back to {t}")
+    raise ValueError(f"frames mode {mode!r}: use pad or trim")
+
+
 def fit_frames(frames: np.ndarray, mode: str, time_factor: int = 4) -> tuple[np.ndarray, str]:
     """Pads (repeating the last frame) or trims a (T, H, W, 3) video to 1 + f*k frames.
 
     Returns the frames and a line saying what changed.
     """
-    t = len(frames)
-    if (t - 1) % time_factor == 0:
-        return frames, f"{t} (already 1 + {time_factor}k)"
-    need = f"the encoder needs 1 + {time_factor}k"
-    if mode == "trim":
-        n = 1 + (t - 1) // time_factor * time_factor
-        return frames[:n], f"{t} -> {n} (trimmed {t - n} from the end; {need})"
-    if mode == "pad":
-        n = 1 + math.ceil((t - 1) / time_factor) * time_factor
-        padded = np.concatenate([frames, np.repeat(frames[-1:], n - t, axis=0)])
-        return padded, (f"{t} -> {n} (padded {n - t} by repeating the last frame; {need}); "
-                        f"the output is trimmed back to {t}")
-    raise ValueError(f"frames mode {mode!r}: use pad or trim")
+    n, note = fitted_count(len(frames), mode, time_factor)
+    return _to_count(frames, n), note
+
+
+def _to_count(frames: np.ndarray, n: int) -> np.ndarray:
+    """The first n frames, the last one repeated if there are fewer."""
+    if n <= len(frames):
+        return frames[:n]
+    return np.concatenate([frames, np.repeat(frames[-1:], n - len(frames), axis=0)])
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -72,6 +86,23 @@ def parse_size(text: str) -> tuple[int, int]:
     if not m or min(int(m[1]), int(m[2])) < 1:
         raise ValueError(f"--size {text!r}: expected HxW with positive integers, e.g. 256x448")
     return int(m[1]), int(m[2])
+
+
+def fitted_size(frame: tuple[int, int], size: tuple[int, int] | None, mode: str,
+                factor: int = 8) -> tuple[int, int]:
+    """The (H, W) that `fit_size` gives frames of size `frame`."""
+    want = size or frame
+    if mode == "crop":
+        th, tw = (s // factor * factor for s in want)
+    elif mode == "resize":
+        th, tw = (max(1, int(s / factor + 0.5)) * factor for s in want)  # halves round up
+    else:
+        raise ValueError(f"fit mode {mode!r}: use crop or resize")
+    if min(th, tw) < factor:
+        what = f"--size {size[0]}x{size[1]}" if size else f"frames of {frame[0]}x{frame[1]}"
+        raise ValueError(f"{what}: cropping leaves less than {factor} px; the model needs at "
+                         f"least {factor}x{factor} (use a larger --size or --fit resize)")
+    return th, tw
 
 
 def fit_size(frames: np.ndarray, size: tuple[int, int] | None, mode: str,
@@ -84,17 +115,7 @@ def fit_size(frames: np.ndarray, size: tuple[int, int] | None, mode: str,
     Returns the frames and a line saying what changed.
     """
     h, w = frames.shape[1:3]
-    want = size or (h, w)
-    if mode == "crop":
-        th, tw = (s // factor * factor for s in want)
-    elif mode == "resize":
-        th, tw = (max(1, int(s / factor + 0.5)) * factor for s in want)  # halves round up
-    else:
-        raise ValueError(f"fit mode {mode!r}: use crop or resize")
-    if min(th, tw) < factor:
-        what = f"--size {size[0]}x{size[1]}" if size else f"frames of {h}x{w}"
-        raise ValueError(f"{what}: cropping leaves less than {factor} px; the model needs at "
-                         f"least {factor}x{factor} (use a larger --size or --fit resize)")
+    th, tw = fitted_size((h, w), size, mode, factor)
     if (th, tw) == (h, w):
         return frames, f"{h}x{w} (H x W, already multiples of {factor})"
 
@@ -131,35 +152,39 @@ def _override(text: str | int | None, flag: str) -> int | None:
     return int(text)
 
 
-def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = "float32",
-             chunk_frames: str | int | None = FROM_CONFIG,
-             tile: str | int | None = FROM_CONFIG) -> CVVAE:
-    """The model, with config.json's chunking and tiling or the given ones.
-
-    `chunk_frames` and `tile` replace config.json's `en_de_n_frames_a_time` and
-    `tile_spatial_size` (None turns them off).
-    """
-    vae = CVVAE.from_pretrained(weights, subfolder, dtype=dtypes.resolve(dtype, what="--dtype"))
-    cfg = vae.config
+def configure(config: CVVAEConfig | CVVAESD3Config, chunk_frames: str | int | None = FROM_CONFIG,
+              tile: str | int | None = FROM_CONFIG) -> CVVAEConfig | CVVAESD3Config:
+    """config with `en_de_n_frames_a_time` / `tile_spatial_size` replaced (None: off)."""
     if chunk_frames != FROM_CONFIG:
         chunk_frames = _override(chunk_frames, "--chunk-frames")
         try:
-            cfg = cfg.replace(en_de_n_frames_a_time=chunk_frames)
+            config = config.replace(en_de_n_frames_a_time=chunk_frames)
         except ValueError as e:
             raise ValueError(f"--chunk-frames {chunk_frames}: {e}") from None
     if tile != FROM_CONFIG:
         tile = _override(tile, "--tile")
+        f = config.space_factor
+        if tile is not None and tile % f:
+            raise ValueError(f"--tile {tile}: must be a multiple of {f}, the model's spatial factor")
         # The official ratio (0.2222) gives strides off the 8 px grid for most tile sizes
         # (256 -> 199 px), which the tiler cannot use: round the overlap to the grid instead.
-        f, ratio = cfg.space_factor, cfg.tile_overlap_ratio or 0.0
+        ratio = config.tile_overlap_ratio or 0.0
         overlap = 0 if tile is None else round(tile * ratio / f) * f
         try:
-            cfg = cfg.replace(tile_spatial_size=tile,
-                              tile_overlap_ratio=overlap / tile if tile else ratio)
+            config = config.replace(tile_spatial_size=tile,
+                                    tile_overlap_ratio=overlap / tile if tile else ratio)
         except ValueError as e:
             raise ValueError(f"--tile {tile}: {e}") from None
+    return config
+
+
+def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = "float32",
+             chunk_frames: str | int | None = FROM_CONFIG,
+             tile: str | int | None = FROM_CONFIG) -> CVVAE:
+    """The model, with config.json's chunking and tiling or the given ones (`configure`)."""
+    vae = CVVAE.from_pretrained(weights, subfolder, dtype=dtypes.resolve(dtype, what="--dtype"))
     # The config is static model structure: a changed one gets its own compilations.
-    vae.config = cfg
+    vae.config = configure(vae.config, chunk_frames, tile)
     return vae
 
 
@@ -186,6 +211,46 @@ def decode(vae: CVVAE, z, *, progress: bool = True) -> jax.Array:
     bar, update = _bar("decode", progress)
     with bar:
         return vae.decode(jnp.asarray(z), update)
+
+
+# -- a video file streamed through the chunks ---------------------------------------------
+
+
+class FrameChunks:
+    """A video's frames in the official encoder chunks, read as they are needed.
+
+    Chunk n holds frames n*s .. (n+1)*s (1 + s frames, the first shared with chunk n-1,
+    s = `per_chunk`); the video's frame count is fitted (`fitted_count`) in the last
+    one. Encoding the chunks one by one therefore gives the latents of encoding the
+    fitted video whole with the same chunking, while only one chunk of frames is in
+    memory. `per_chunk=None` is one chunk: the whole video.
+    """
+
+    def __init__(self, frames, per_chunk: int | None, mode: str, time_factor: int):
+        self._frames, self._per_chunk = frames, per_chunk
+        self._mode, self._f = mode, time_factor
+        self.source_frames = 0  # read so far
+        self.encoded_frames = 0  # after fitting, once the last chunk is out
+        self.note = ""
+
+    def __iter__(self):
+        buf, done = [], 0  # done: frames before buf[0] in chunks already given out
+        for frame in self._frames:
+            self.source_frames += 1
+            buf.append(frame)
+            if self._per_chunk and len(buf) == self._per_chunk + 1:
+                yield np.stack(buf)
+                done += self._per_chunk
+                buf = buf[-1:]
+        self.encoded_frames, self.note = fitted_count(self.source_frames, self._mode, self._f)
+        rest = self.encoded_frames - done  # the last chunk's length, its shared frame included
+        if rest > 1 or not done:
+            yield _to_count(np.stack(buf), rest)
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    """The official join of chunk outputs: each chunk after the first loses its first frame."""
+    return np.concatenate([chunks[0]] + [c[:, 1:] for c in chunks[1:]], axis=1)
 
 
 # -- the latents file -------------------------------------------------------------------
@@ -234,11 +299,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", metavar="HxW",
                    help="frame size to crop or resize to (rounded to multiples of the model's "
                         "spatial factor, 8 for the official models)")
-    p.add_argument("--fit", choices=("crop", "resize"), default="crop",
-                   help="how to reach those multiples / --size (default: %(default)s)")
-    p.add_argument("--frames", choices=("pad", "trim"), default="pad",
+    p.add_argument("--fit", choices=("crop", "resize"),
+                   help="how to reach those multiples / --size (default: crop)")
+    p.add_argument("--frames", choices=("pad", "trim"),
                    help="reach 1 + 4k frames by repeating the last frame (output trimmed back) "
-                        "or by dropping frames from the end (default: %(default)s)")
+                        "or by dropping frames from the end (default: pad)")
     p.add_argument("--max-frames", type=int, metavar="N",
                    help="read at most the first N frames")
     p.add_argument("--side-by-side", action="store_true",
@@ -252,9 +317,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="the input is a latents file; write its video")
     p.add_argument("--chunk-frames", default=FROM_CONFIG, metavar="N|none",
                    help="frames per encoder chunk, a multiple of 4 (default: config.json's "
-                        "en_de_n_frames_a_time); lower it to save memory")
+                        "en_de_n_frames_a_time, or with --decode-only the encoding's); lower it "
+                        "to save memory; none reads and runs the whole clip at once")
     p.add_argument("--tile", default=FROM_CONFIG, metavar="PX|none",
-                   help="spatial tile size in pixels (default: config.json's tile_spatial_size)")
+                   help="spatial tile size in pixels (default: config.json's tile_spatial_size, "
+                        "or with --decode-only the encoding's)")
     p.add_argument("--dtype", type=dtypes.arg(),
                    help="compute dtype: float32 or bfloat16 (fp32, bf16 also accepted); default "
                         "float32, or with --decode-only the one that encoded the latents")
@@ -270,7 +337,7 @@ class _Clock:
     def __call__(self, name: str, fn, *args, **kw):
         start = time.perf_counter()
         out = fn(*args, **kw)
-        self.times[name] = time.perf_counter() - start
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
         return out
 
     def line(self) -> str:
@@ -294,31 +361,6 @@ def _read_config(args) -> CVVAEConfig | CVVAESD3Config:
     return config
 
 
-def _read_video(args, config) -> tuple[np.ndarray, float, int, dict[str, str]]:
-    """Reads and fits the input video, printing each change.
-
-    Returns the frames for the encoder, fps, how many output frames to keep and
-    what was done (for the latents metadata).
-    """
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ValueError(f"--max-frames {args.max_frames}: must be >= 1")
-    size = parse_size(args.size) if args.size else None  # checked before the slow reads
-    frames, fps = media.read_video(args.input, max_frames=args.max_frames)
-    n_source = len(frames)
-    print(f"input:   {args.input}: {n_source} frames of {frames.shape[1]}x{frames.shape[2]} "
-          f"(H x W) at {fps:g} fps")
-    frames, size_note = fit_size(frames, size, args.fit, config.space_factor)
-    print(f"size:    {size_note}")
-    frames, frames_note = fit_frames(frames, args.frames, config.time_factor)
-    print(f"frames:  {frames_note}")
-    n_out = n_source if args.frames == "pad" else len(frames)
-    return frames, fps, n_out, {
-        "source": str(args.input), "fps": repr(fps), "source_frames": str(n_source),
-        "encoded_frames": str(len(frames)), "output_frames": str(n_out),
-        "frames_mode": args.frames, "frames_note": frames_note,
-        "size": f"{frames.shape[1]}x{frames.shape[2]}", "size_note": size_note}
-
-
 def _layout(config) -> str:
     s = config.space_factor
     return f"(B, T, H/{s}, W/{s}, C)"
@@ -332,10 +374,40 @@ def _read_latents(path: Path, config) -> tuple[np.ndarray, float, int, dict[str,
     return z, fps, n_out, meta
 
 
+# config.json fields that decide how latents decode; the latents file records them.
+_CHUNKING_FIELDS = ("en_de_n_frames_a_time", "tile_spatial_size", "tile_overlap_ratio")
+
+
+def _chunking_meta(config) -> dict[str, str]:
+    return {k: "none" if getattr(config, k) is None else repr(getattr(config, k))
+            for k in _CHUNKING_FIELDS}
+
+
+def _chunking_of(meta: dict[str, str], config):
+    """config with the chunking the latents were encoded with, where the file records it."""
+    recorded = {k: None if meta[k] == "none" else (float if k == "tile_overlap_ratio" else int)(meta[k])
+                for k in _CHUNKING_FIELDS if k in meta}
+    return config.replace(**recorded)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
-    """Flag combinations that cannot work, and the default output paths."""
-    if args.decode_only and (args.side_by_side or args.latents):
-        raise ValueError("--decode-only has no input video: drop --side-by-side and --latents")
+    """Flag combinations that cannot work, and the defaults; before anything is read."""
+    if args.decode_only:
+        ignored = [flag for flag, value in (
+            ("--size", args.size), ("--fit", args.fit), ("--frames", args.frames),
+            ("--max-frames", args.max_frames), ("--side-by-side", args.side_by_side or None),
+            ("--latents", args.latents)) if value is not None]
+        if ignored:
+            raise ValueError(f"--decode-only has no input video: drop {', '.join(ignored)}")
+        if args.input.suffix.lower() != ".safetensors":
+            raise ValueError(f"{args.input}: --decode-only takes a latents file (.safetensors) "
+                             "written by --latents or --encode-only")
+    elif args.input.suffix.lower() == ".safetensors":
+        raise ValueError(f"{args.input} is a safetensors file: add --decode-only to decode latents")
+    args.fit, args.frames = args.fit or "crop", args.frames or "pad"
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames {args.max_frames}: must be >= 1")
+    args.size = parse_size(args.size) if args.size else None
     if args.encode_only and (args.out or args.side_by_side):
         raise ValueError("--encode-only writes no video: drop --out and --side-by-side")
     if args.encode_only and args.latents is None:
@@ -351,8 +423,107 @@ def _check_flags(args: argparse.Namespace) -> None:
         if args.latents.is_dir():
             raise ValueError(f"--latents {args.latents} is a directory; give a file name, "
                              f"e.g. {args.latents / 'latents.safetensors'}")
-        if args.out is not None and args.latents.resolve() == args.out.resolve():
-            raise ValueError(f"--latents and --out are both {args.out}; give them different names")
+        if args.latents.suffix.lower() != ".safetensors":
+            raise ValueError(f"--latents {args.latents}: latents are written as safetensors; "
+                             "end the name with .safetensors")
+
+
+def _load(args, config, clock) -> CVVAE:
+    vae = clock("load", CVVAE.from_pretrained, args.weights, args.subfolder,
+                dtype=dtypes.resolve(args.dtype, what="--dtype"))
+    vae.config = config  # static model structure: a changed one gets its own compilations
+    print(f"model:   {_describe(vae, args.dtype)}")
+    return vae
+
+
+class _Output:
+    """The output video, written as chunks are decoded; removed if the run fails."""
+
+    def __init__(self, path: Path, fps: float):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.video = media.VideoOut(path, fps)
+
+    def __enter__(self) -> media.VideoOut:
+        return self.video
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.video.close()
+        if exc_type is not None:
+            self.video.path.unlink(missing_ok=True)
+
+
+def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
+    """Reads, encodes, decodes and writes one chunk at a time (`FrameChunks`)."""
+    cfg = vae.config
+    with media.VideoIn(args.input) as video:
+        frames = video.frames(max_frames=args.max_frames)
+        first = clock("read", next, frames)
+        print(f"input:   {args.input}: {first.shape[0]}x{first.shape[1]} (H x W) at {video.fps:g} fps")
+        size_note = fit_size(first[None], args.size, args.fit, cfg.space_factor)[1]
+        print(f"size:    {size_note}")
+
+        def fitted():
+            for frame in itertools.chain([first], frames):
+                yield fit_size(frame[None], args.size, args.fit, cfg.space_factor)[0][0]
+
+        chunks = FrameChunks(fitted(), cfg.encode_frames_per_chunk, args.frames, cfg.time_factor)
+        total = video.frame_count_hint and min(video.frame_count_hint, args.max_frames or sys.maxsize)
+        z_chunks, psnr, written = [], [], 0
+        output = contextlib.nullcontext() if args.encode_only else _Output(args.out, video.fps)
+        desc = "encode" if args.encode_only else "reconstruct"
+        with output as out, tqdm(total=total, unit="frame", desc=desc, leave=False) as bar:
+            chunk_iter = iter(chunks)
+            while (chunk := clock("read", next, chunk_iter, None)) is not None:
+                x = media.to_float(chunk)[None]
+                z = clock("encode", lambda: np.asarray(vae.encode(x).mode()))
+                if out is not None:
+                    # The joined latents' slice that the official decode chunking gives this
+                    # chunk: the previous chunk's last latent, then this chunk's own.
+                    zin = z if not z_chunks else np.concatenate([z_chunks[-1][:, -1:], z[:, 1:]], 1)
+                    y = clock("decode", lambda: np.asarray(vae.decode(zin)[0], np.float32))
+                    new = slice(1 if z_chunks else 0, None)
+                    keep = min(len(y[new]), chunks.source_frames - written)  # not the padding
+                    y, x, chunk = y[new][:keep], x[0, new][:keep], chunk[new][:keep]
+                    psnr.append(np.asarray(metrics.psnr(x, y)))
+                    clock("write", out.write, media.side_by_side(chunk, y) if args.side_by_side else y)
+                    written += keep
+                z_chunks.append(z)
+                bar.update(chunks.source_frames - bar.n)
+    print(f"frames:  {chunks.note}")
+    z = _joined(z_chunks)
+    print(f"latents: {tuple(z.shape)} {_layout(cfg)}, posterior mode")
+    if args.latents is not None:
+        n_out = chunks.source_frames if args.frames == "pad" else chunks.encoded_frames
+        args.latents.parent.mkdir(parents=True, exist_ok=True)
+        save_latents(args.latents, z, {
+            "source": str(args.input), "fps": repr(video.fps),
+            "source_frames": str(chunks.source_frames), "encoded_frames": str(chunks.encoded_frames),
+            "output_frames": str(n_out), "frames_mode": args.frames, "frames_note": chunks.note,
+            "size": "x".join(map(str, fitted_size(first.shape[:2], args.size, args.fit, cfg.space_factor))),
+            "size_note": size_note, "layout": f"{_layout(cfg)} channels-last float32",
+            "latent": "posterior mode (mean), unscaled: multiply by scaling_factor before "
+                      "a diffusion model, divide its output by it before decoding",
+            "scaling_factor": getattr(cfg, "scaling_factor", "none"),
+            "model": cfg.CLASS_NAME, "dtype": args.dtype, **_chunking_meta(cfg)})
+        print(f"wrote:   {args.latents} (latents)")
+    if not args.encode_only:
+        print(f"PSNR:    {float(np.concatenate(psnr).mean()):.2f} dB (mean over {written} frames)")
+        what = "input | reconstruction" if args.side_by_side else "reconstruction"
+        print(f"wrote:   {args.out} ({what}, {written} frames, {video.fps:g} fps)")
+
+
+def _decode_file(args, vae: CVVAE, z: np.ndarray, fps: float, n_out: int, clock: _Clock) -> None:
+    """Decodes latents in the official decode chunks, writing each as it comes."""
+    bounds = tiling.chunk_bounds(z.shape[1], vae.config.decode_frames_per_chunk)
+    written = 0
+    with _Output(args.out, fps) as out, tqdm(total=n_out, unit="frame", desc="decode", leave=False) as bar:
+        for n, (a, b) in enumerate(bounds):
+            y = clock("decode", lambda: np.asarray(vae.decode(z[:, a:b])[0], np.float32))
+            y = y[1 if n else 0:][:n_out - written]
+            clock("write", out.write, y)
+            written += len(y)
+            bar.update(len(y))
+    print(f"wrote:   {args.out} (reconstruction, {written} frames, {fps:g} fps)")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -368,37 +539,17 @@ def _run(args: argparse.Namespace) -> None:
             args.dtype = meta.get("dtype", "float32")
         elif args.dtype != meta.get("dtype", args.dtype):
             print(f"note:    the latents were encoded in {meta['dtype']}; decoding in {args.dtype}")
-    else:
-        frames, fps, n_out, meta = clock("read", _read_video, args, config)
+        config = _chunking_of(meta, config)
+    # Flags are checked against the model before the video is read.
+    config = configure(config, args.chunk_frames, args.tile)
+    if args.size:
+        fitted_size(args.size, args.size, args.fit, config.space_factor)
     args.dtype = args.dtype or "float32"
-
-    vae = clock("load", load_vae, args.weights, args.subfolder, dtype=args.dtype,
-                           chunk_frames=args.chunk_frames, tile=args.tile)
-    print(f"model:   {_describe(vae, args.dtype)}")
-
-    if not args.decode_only:
-        x = media.to_float(frames)[None]  # a batch of one
-        z = clock("encode", encode, vae, x)
-        print(f"latents: {tuple(z.shape)} {_layout(vae.config)}, posterior mode")
-        if args.latents is not None:
-            args.latents.parent.mkdir(parents=True, exist_ok=True)
-            save_latents(args.latents, z, {
-                **meta, "layout": f"{_layout(vae.config)} channels-last float32",
-                "latent": "posterior mode (mean), unscaled: multiply by scaling_factor before "
-                          "a diffusion model, divide its output by it before decoding",
-                "scaling_factor": getattr(vae.config, "scaling_factor", "none"),
-                "model": vae.config.CLASS_NAME, "dtype": args.dtype})
-            print(f"wrote:   {args.latents} (latents)")
-    if not args.encode_only:
-        recon = np.asarray(clock("decode", decode, vae, z)[0, :n_out], np.float32)
-        if not args.decode_only:
-            db = metrics.psnr(x[0, :n_out], recon)
-            print(f"PSNR:    {float(jnp.mean(db)):.2f} dB (mean over {n_out} frames)")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        video = media.side_by_side(frames[:n_out], recon) if args.side_by_side else recon
-        clock("write", media.write_video, args.out, video, fps)
-        what = "input | reconstruction" if args.side_by_side else "reconstruction"
-        print(f"wrote:   {args.out} ({what}, {n_out} frames, {fps:g} fps)")
+    vae = _load(args, config, clock)
+    if args.decode_only:
+        _decode_file(args, vae, z, fps, n_out, clock)
+    else:
+        _reconstruct(args, vae, clock)
     print(f"time:    {clock.line()} (first calls include compilation)")
 
 

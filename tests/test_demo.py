@@ -37,6 +37,10 @@ def test_demo_refuses_frame_counts_the_encoder_cannot_take(tmp_path, capsys, fra
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_names_the_largest_count_a_short_clip_has(tmp_path):
-    with pytest.raises(SystemExit, match=r"clip_a.mp4 has only 81 frames; the largest valid count is 81"):
-        demo.main(["--frames", "85", "--out", str(tmp_path)])
+def test_demo_names_the_largest_count_a_short_clip_has(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--frames", "85", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --frames 85: clip_a.mp4 has only 81 frames; the largest valid count is 81\n")
+    assert not (tmp_path / "out").exists()

@@ -36,8 +36,9 @@ def runs(tmp_path_factory):
     full = run(CLIP, *COMMON, "--max-frames", 7, "--out", d / "full.mp4",
                "--latents", d / "full.safetensors")
     enc = run(CLIP, *COMMON, "--max-frames", 7, "--encode-only", "--latents", d / "enc.safetensors")
+    # No --chunk-frames: the latents file says how they were encoded.
     dec = run(d / "enc.safetensors", "--decode-only", "--weights", FIXTURES,
-              "--subfolder", WEIGHTS.name, "--chunk-frames", 4, "--out", d / "dec.mp4")
+              "--subfolder", WEIGHTS.name, "--out", d / "dec.mp4")
     for rc, _, err in (full, enc, dec):
         assert rc == 0, err
     return d, full[1], enc[1], dec[1]
@@ -81,6 +82,9 @@ def test_encode_only_then_decode_only_equals_the_full_run(runs):
         "scaling_factor": "0.18215", "fps": "30.0", "source_frames": "7",
         "encoded_frames": "9", "output_frames": "7", "frames_mode": "pad", "size": "40x64",
         "model": "CVVAEModel"}
+    assert {k: meta_full[k] for k in ("en_de_n_frames_a_time", "tile_spatial_size")} == {
+        "en_de_n_frames_a_time": "4", "tile_spatial_size": "none"}
+    assert "model:   CVVAEModel, float32, chunks of 4 frames, tiling off" in dec_out
     assert "PSNR" not in enc_out and not (d / "enc_recon.mp4").exists()
     assert "PSNR" not in dec_out
     full, fps_full = media.read_video(d / "full.mp4")
@@ -175,10 +179,17 @@ BAD = {
     "no weights dir": (lambda d: [CLIP, "--weights", d / "none"], "no such directory"),
     "bad size": (lambda d: [CLIP, "--size", "60by90"], "--size '60by90': expected HxW"),
     "tiny size": (lambda d: [CLIP, "--size", "4x4"], "cropping leaves less than 8 px"),
-    "not latents": (lambda d: [CLIP, "--decode-only"], "cannot read"),
     "output over input": (lambda d: [CLIP, "--out", CLIP], "is the input file"),
     "output over latents": (lambda d: [CLIP, "--out", d / "x.mp4", "--latents", d / "x.mp4"],
-                            "--latents and --out are both"),
+                            "latents are written as safetensors; end the name with .safetensors"),
+    "video for --decode-only": (lambda d: [CLIP, "--decode-only"], "--decode-only takes a latents file"),
+    "latents without --decode-only": (lambda d: [d / "z.safetensors"], "add --decode-only"),
+    "flags --decode-only ignores": (lambda d: [d / "z.safetensors", "--decode-only", "--size", "8x8",
+                                               "--frames", "trim"],
+                                    "--decode-only has no input video: drop --size, --frames"),
+    "tile off the grid": (lambda d: [CLIP, "--tile", "30", "--out", d / "never.mp4"],
+                          "--tile 30: must be a multiple of 8, the model's spatial factor"),
+    "input is a folder": (lambda d: [d], "is a directory; give a video file"),
     "gif output": (lambda d: [CLIP, "--out", d / "x.gif"], "videos are written as H.264"),
     "output is a folder": (lambda d: [CLIP, "--out", d], "is a directory; give a video file name"),
     "latents is a folder": (lambda d: [CLIP, "--encode-only", "--latents", d],
@@ -196,3 +207,91 @@ def test_bad_input_is_one_error_line(case, tmp_path):
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+def _numbered(n):
+    """Frames 0..n-1 of 1x1 pixels holding their index, and how many were pulled."""
+    pulled = []
+
+    def frames():
+        for i in range(n):
+            pulled.append(i)
+            yield np.full((1, 1, 3), i, np.uint8)
+
+    return frames(), pulled
+
+
+@pytest.mark.parametrize("n,mode,per_chunk,want", [
+    # 1 + 4 + 4 frames in chunks of 4 + 1, the first frame of each shared with the last.
+    (9, "pad", 4, [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]),
+    (10, "pad", 4, [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 9, 9, 9]]),
+    (7, "pad", 4, [[0, 1, 2, 3, 4], [4, 5, 6, 6, 6]]),
+    (11, "trim", 4, [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]),  # 11 -> 9: no frame left for a third
+    (11, "trim", 8, [[0, 1, 2, 3, 4, 5, 6, 7, 8]]),
+    (3, "trim", 4, [[0]]),
+    (6, "pad", None, [[0, 1, 2, 3, 4, 5, 5, 5, 5]]),
+])
+def test_frame_chunks_are_the_official_chunks_of_the_fitted_video(n, mode, per_chunk, want):
+    frames, _ = _numbered(n)
+    chunks = reconstruct.FrameChunks(frames, per_chunk, mode, 4)
+    got = [c[:, 0, 0, 0].tolist() for c in chunks]
+    assert got == want
+    fitted, note = reconstruct.fit_frames(np.arange(n), mode)
+    assert (chunks.source_frames, chunks.encoded_frames, chunks.note) == (n, len(fitted), note)
+    whole = np.concatenate([np.asarray(want[0])] + [np.asarray(c[1:]) for c in want[1:]])
+    np.testing.assert_array_equal(whole, fitted)
+    if per_chunk:
+        assert [(a, b) for a, b in tiling.chunk_bounds(len(fitted), per_chunk)] == \
+            [(i * per_chunk, i * per_chunk + len(c)) for i, c in enumerate(want)]
+
+
+def test_frame_chunks_read_one_chunk_ahead_at_most():
+    frames, pulled = _numbered(1000)
+    chunks = iter(reconstruct.FrameChunks(frames, 16, "pad", 4))
+    next(chunks)
+    assert len(pulled) == 17
+    next(chunks)
+    assert len(pulled) == 33
+
+
+def test_streamed_run_equals_the_whole_clip_through_the_python_api(tmp_path):
+    # 23 frames in chunks of 8: three chunks, the last one padded; 2x2 tiles of 32 px.
+    rc, out, err = run(CLIP, "--weights", WEIGHTS, "--max-frames", 23, "--size", "48x64",
+                       "--chunk-frames", 8, "--tile", 32, "--out", tmp_path / "r.mp4",
+                       "--latents", tmp_path / "r.safetensors")
+    assert rc == 0, err
+    frames, _ = media.read_video(CLIP, max_frames=23)
+    frames, _ = reconstruct.fit_size(frames, (48, 64), "crop")
+    frames, _ = reconstruct.fit_frames(frames, "pad")
+    vae = reconstruct.load_vae(WEIGHTS, chunk_frames=8, tile=32)
+    z_whole = reconstruct.encode(vae, media.to_float(frames)[None], progress=False)
+    z, _ = reconstruct.load_latents(tmp_path / "r.safetensors")
+    np.testing.assert_array_equal(z, np.asarray(z_whole))
+    recon = np.asarray(reconstruct.decode(vae, z_whole, progress=False)[0, :23], np.float32)
+    psnr = np.asarray(metrics.psnr(media.to_float(frames[:23]), recon)).mean()
+    assert f"PSNR:    {psnr:.2f} dB (mean over 23 frames)" in out
+    # Written chunk by chunk, the same frames make the same H.264 stream as written at once.
+    media.write_video(tmp_path / "whole.mp4", recon, 30)
+    written, _ = media.read_video(tmp_path / "r.mp4")
+    assert written.shape == (23, 48, 64, 3)
+    np.testing.assert_array_equal(written, media.read_video(tmp_path / "whole.mp4")[0])
+
+
+def test_flags_are_checked_before_the_video_is_read(tmp_path):
+    for flags, error in ((["--chunk-frames", "6"], "--chunk-frames 6: "),
+                         (["--size", "4x4"], "cropping leaves less than 8 px")):
+        rc, out, err = run(CLIP, "--weights", WEIGHTS, "--out", tmp_path / "x.mp4", *flags)
+        assert (rc, out) == (2, "") and error in err, err
+
+
+def test_a_failed_run_leaves_no_partial_video(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_write(self, frames):
+        calls.append(len(frames))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(media.VideoOut, "write", failing_write)
+    rc, _, err = run(CLIP, *COMMON, "--max-frames", 5, "--out", tmp_path / "x.mp4")
+    assert rc == 2 and "disk full" in err and calls
+    assert not (tmp_path / "x.mp4").exists()
