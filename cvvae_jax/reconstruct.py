@@ -189,8 +189,8 @@ def load_vae(weights: str | Path, subfolder: str | None = None, *, dtype: str = 
 
 
 def _bar(desc: str, progress: bool):
-    """A tqdm bar driven by the model's per-chunk progress callback."""
-    bar = tqdm(desc=desc, unit="chunk", disable=not progress, leave=False)
+    """A tqdm bar driven by the model's progress callback (per tile of each frame chunk)."""
+    bar = tqdm(desc=desc, unit="piece", disable=not progress, leave=False)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -452,6 +452,16 @@ class _Output:
             self.video.path.unlink(missing_ok=True)
 
 
+def _tiles(bar: tqdm, stage: str):
+    """The model's progress callback within one chunk: its tiles, on the frame bar."""
+
+    def report(done: int, total: int) -> None:
+        if total > 1:
+            bar.set_postfix_str(f"{stage} tile {done}/{total}")
+
+    return report
+
+
 def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
     """Reads, encodes, decodes and writes one chunk at a time (`FrameChunks`)."""
     cfg = vae.config
@@ -475,12 +485,13 @@ def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
             chunk_iter = iter(chunks)
             while (chunk := clock("read", next, chunk_iter, None)) is not None:
                 x = media.to_float(chunk)[None]
-                z = clock("encode", lambda: np.asarray(vae.encode(x).mode()))
+                z = clock("encode", lambda: np.asarray(vae.encode(x, _tiles(bar, "encode")).mode()))
                 if out is not None:
                     # The joined latents' slice that the official decode chunking gives this
                     # chunk: the previous chunk's last latent, then this chunk's own.
                     zin = z if not z_chunks else np.concatenate([z_chunks[-1][:, -1:], z[:, 1:]], 1)
-                    y = clock("decode", lambda: np.asarray(vae.decode(zin)[0], np.float32))
+                    y = clock("decode", lambda: np.asarray(vae.decode(zin, _tiles(bar, "decode"))[0],
+                                                           np.float32))
                     new = slice(1 if z_chunks else 0, None)
                     keep = min(len(y[new]), chunks.source_frames - written)  # not the padding
                     y, x, chunk = y[new][:keep], x[0, new][:keep], chunk[new][:keep]
@@ -518,7 +529,8 @@ def _decode_file(args, vae: CVVAE, z: np.ndarray, fps: float, n_out: int, clock:
     written = 0
     with _Output(args.out, fps) as out, tqdm(total=n_out, unit="frame", desc="decode", leave=False) as bar:
         for n, (a, b) in enumerate(bounds):
-            y = clock("decode", lambda: np.asarray(vae.decode(z[:, a:b])[0], np.float32))
+            y = clock("decode", lambda: np.asarray(vae.decode(z[:, a:b], _tiles(bar, "decode"))[0],
+                                                   np.float32))
             y = y[1 if n else 0:][:n_out - written]
             clock("write", out.write, y)
             written += len(y)

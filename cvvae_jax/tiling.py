@@ -58,6 +58,13 @@ class TilePlan:
         overlap = round(latent_tile * ratio)
         return cls(pixel_tile, round(pixel_tile * (1 - ratio)), overlap, latent_tile - overlap)
 
+    def count(self, height: int, width: int) -> int:
+        """How many tiles `tiled` runs on an input of height x width."""
+        if max(height, width) <= self.tile_in:
+            return 1
+        return (len(tile_starts(height, self.stride_in, self.tile_in))
+                * len(tile_starts(width, self.stride_in, self.tile_in)))
+
     @classmethod
     def for_decode(cls, pixel_tile: int, factor: int, ratio: float) -> "TilePlan":
         overlap = round(pixel_tile * ratio)
@@ -78,16 +85,40 @@ def _blend(a: jax.Array, b: jax.Array, n: int, axis: int) -> jax.Array:
     return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, n, b.shape[axis], axis=axis)], axis)
 
 
-def tiled(fn: Fn, x: jax.Array, plan: TilePlan | None) -> jax.Array:
-    """Apply `fn` to overlapping (H, W) tiles of a (B, T, H, W, C) array and stitch."""
+def tiled(fn: Fn, x: jax.Array, plan: TilePlan | None,
+          on_tile: Callable[[], None] | None = None) -> jax.Array:
+    """Apply `fn` to overlapping (H, W) tiles of a (B, T, H, W, C) array and stitch.
+
+    `on_tile()` runs after each tile has finished computing (for progress bars); each
+    tile is waited for only once the next one is dispatched, so that the host's work
+    still overlaps the device's.
+    """
+    outs = []
+
+    def run(piece: jax.Array) -> jax.Array:
+        y = fn(piece)
+        if on_tile is not None and outs:
+            jax.block_until_ready(outs[-1])
+            on_tile()
+        outs.append(y)
+        return y
+
+    def last_done() -> None:
+        if on_tile is not None:
+            jax.block_until_ready(outs[-1])
+            on_tile()
+
     h_axis, w_axis = 2, 3
     if plan is None or max(x.shape[h_axis], x.shape[w_axis]) <= plan.tile_in:
-        return fn(x)
+        y = run(x)
+        last_done()
+        return y
     rows = [
-        [fn(x[:, :, i:i + plan.tile_in, j:j + plan.tile_in])
+        [run(x[:, :, i:i + plan.tile_in, j:j + plan.tile_in])
          for j in tile_starts(x.shape[w_axis], plan.stride_in, plan.tile_in)]
         for i in tile_starts(x.shape[h_axis], plan.stride_in, plan.tile_in)
     ]
+    last_done()
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             if i > 0:
@@ -104,20 +135,12 @@ def tiled(fn: Fn, x: jax.Array, plan: TilePlan | None) -> jax.Array:
     return jnp.concatenate(out_rows, axis=h_axis)
 
 
-def chunked(fn: Fn, x: jax.Array, per_chunk: int | None,
-            on_chunk: Callable[[int, int], None] | None = None) -> jax.Array:
-    """Apply `fn` to the official frame chunks of x (axis 1) and join them.
-
-    `on_chunk(done, total)` runs after each chunk has finished computing (for
-    progress bars); without it, chunks are dispatched asynchronously.
-    """
+def chunked(fn: Fn, x: jax.Array, per_chunk: int | None) -> jax.Array:
+    """Apply `fn` to the official frame chunks of x (axis 1) and join them."""
     bounds = chunk_bounds(x.shape[1], per_chunk)
     outs = []
     for n, (a, b) in enumerate(bounds):
         # One chunk takes x itself: on an accelerator each eager slice is a dispatch and a copy.
         y = fn(x if len(bounds) == 1 else x[:, a:b])
-        if on_chunk is not None:
-            jax.block_until_ready(y)
-            on_chunk(n + 1, len(bounds))
         outs.append(y if n == 0 else y[:, 1:])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

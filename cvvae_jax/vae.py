@@ -13,6 +13,7 @@ jitted network call (`tiling.py`). Inside your own jitted code (training), call
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import jax
@@ -103,12 +104,22 @@ class CVVAE(Pretrained):
             plan = make(cfg.tile_spatial_size, cfg.space_factor, cfg.tile_overlap_ratio)
         per_chunk = cfg.encode_frames_per_chunk if encode else cfg.decode_frames_per_chunk
         net = bound_part(self, method)
-        return tiling.chunked(lambda c: tiling.tiled(net, c, plan), x, per_chunk, progress)
+        tick = None
+        if progress is not None:
+            pieces = len(tiling.chunk_bounds(x.shape[1], per_chunk)) * (
+                plan.count(x.shape[2], x.shape[3]) if plan else 1)
+            done = itertools.count(1)
+
+            def tick():
+                progress(next(done), pieces)
+
+        return tiling.chunked(lambda c: tiling.tiled(net, c, plan, tick), x, per_chunk)
 
     def encode(self, x, progress: Progress | None = None) -> DiagonalGaussian:
         """(B, 1 + 4k, H, W, 3) in [-1, 1] -> posterior over (B, 1 + k, H/8, W/8, C).
 
-        `progress(done, total)` is called after each frame chunk (e.g. a tqdm update).
+        `progress(done, total)` is called after each piece, a spatial tile of a frame chunk
+        (e.g. a tqdm update).
         """
         moments = self._pieces("encode_moments", self._check_video(x), encode=True,
                                progress=progress)

@@ -113,9 +113,16 @@ def test_chunks_differ_from_the_whole_clip_because_groupnorm_pools_over_time():
     assert np.abs(prefix - whole[:, :2]).max() > 1e-3
 
 
-def test_progress_is_reported_once_per_chunk_in_order():
+def test_progress_is_reported_once_per_piece_in_order():
+    vae = cvvae_jax.CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny")
+    # 9 frames in chunks of 4: 2 chunks; 40x56 in 32 px tiles every 24 px: 2 x 2 tiles.
+    vae.config = vae.config.replace(en_de_n_frames_a_time=4, tile_spatial_size=32,
+                                    tile_overlap_ratio=0.25)
+    x = jax.random.uniform(jax.random.key(0), (1, 9, 40, 56, 3), minval=-1, maxval=1)
     calls = []
-    x = jnp.arange(14.0).reshape(1, 14, 1, 1, 1)
-    y = tiling.chunked(lambda c: c * 2, x, 4, lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 13 frame steps in chunks of 4
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+    post = vae.encode(x, lambda done, total: calls.append((done, total)))
+    assert calls == [(n, 8) for n in range(1, 9)]
+    np.testing.assert_array_equal(np.asarray(post.mean), np.asarray(vae.encode(x).mean))
+    calls.clear()
+    vae.decode(post.mean, lambda done, total: calls.append((done, total)))
+    assert calls == [(n, 8) for n in range(1, 9)]  # latent chunks of 1 + 1, 4 x 7 in 4-latent tiles
