@@ -1,9 +1,12 @@
 r"""Train CV-VAE (or the image VAE) on one CPU, a GPU, or a TPU pod.
 
     python train.py --config=configs/cvvae.py:tiny --workdir=runs/cvvae_tiny
-    python train.py --config=configs/cvvae.py --workdir=gs://... --config.image_vae.path=...
+    python train.py --config=configs/cvvae.py --workdir=/mnt/bucket/runs/cvvae \
+        --config.image_vae.path=...
 
 Any config field can be overridden on the command line (`--config.optim.lr=1e-4`).
+The workdir is a local or mounted path: a cloud bucket goes through a mount (gcsfuse
+for GCS), as TensorBoard, the samples and the exports write through the file system.
 Multi-host: launch one process per host, with --cluster_auto_detect on a cluster JAX
 knows (Cloud TPU pods, SLURM, Open MPI, Kubernetes), else with JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID set.
@@ -11,6 +14,7 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID set.
 
 import json
 import logging
+import re
 import sys
 
 import jax
@@ -31,6 +35,14 @@ def default_workdir(config_arg: str) -> str:
     return f"runs/{name}"
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuses a URL: pathlib would make `gs://b/run` a local directory `gs:/b/run`, and only
+    the checkpoints (Orbax) could write to a bucket, not TensorBoard, samples or exports."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        raise ValueError(f"--workdir={workdir}: only local or mounted paths are supported (mount "
+                         "a bucket, e.g. with gcsfuse, and pass the mount's path)")
+
+
 def cache_compiles(config, workdir: str) -> None:
     """With `config.xla_cache`, XLA's compiled executables go to <workdir>/xla_cache (JAX's
     persistent compilation cache), so a resumed or repeated run loads its train step instead
@@ -45,12 +57,15 @@ def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
-    cli.one_line_warnings()
-    sharding.initialize_distributed(cluster_auto_detect=_CLUSTER.value)
-    from cvvae_jax.trainer import Trainer  # after jax.distributed
-
+    # One-line warnings, and none of the thousands of lines that Orbax's abandoned reads
+    # leave after a failed restore.
+    cli.quiet_libraries()
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[-1])
     try:
+        check_workdir(workdir)
+        sharding.initialize_distributed(cluster_auto_detect=_CLUSTER.value)
+        from cvvae_jax.trainer import Trainer  # after jax.distributed
+
         cache_compiles(_CONFIG.value, workdir)  # the first read of the config: a missing file raises
         results = Trainer(_CONFIG.value, workdir).train()
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:

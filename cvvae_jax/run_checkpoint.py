@@ -154,6 +154,13 @@ class RunCheckpointer:
             return None
         return dict(restored["config"])
 
+    def saved_process_count(self, step: int) -> int | None:
+        """How many processes saved `step` (None where it has no data item): each process
+        writes its own data file, `process_<i>-of-<n>.json`, and restores only its own."""
+        for path in (self.directory / str(step) / "data").glob("process_*-of-*.json"):
+            return int(path.stem.rpartition("-of-")[2])
+        return None
+
     def wait(self) -> None:
         """Blocks until the async saves have been written."""
         self._manager.wait_until_finished()
@@ -192,8 +199,9 @@ class PreemptionGuard:
     SIGTERM there and agrees with all processes on the step at which each one sees
     `preempted(step)` (Orbax's `reached_preemption`, which CheckpointManager.save
     itself consults); a local flag would make only the signalled process save, and
-    its collective save would hang. So there no handler is installed (it would
-    replace JAX's), and `preempted` must be called at every step by every process.
+    its collective save would hang. So there no SIGTERM handler is installed (it would
+    replace JAX's), a first Ctrl-C sends the process SIGTERM, for JAX's service to
+    see, and `preempted` must be called at every step by every process.
     """
 
     def __init__(self):
@@ -204,9 +212,8 @@ class PreemptionGuard:
 
     def __enter__(self) -> Self:
         self._multiprocess = jax.process_count() > 1
-        if not self._multiprocess:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        for sig in (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -224,6 +231,9 @@ class PreemptionGuard:
                         b"(Ctrl-C again to stop at once, unsaved)\n")
         self.reason = signal.Signals(signum).name
         self._stop.set()
+        if self._multiprocess:
+            # JAX's preemption notifier catches SIGTERM in C++ and tells every process.
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def preempted(self, step: int) -> bool:
         if self._multiprocess:

@@ -41,6 +41,11 @@ def make_mesh(axes: Mapping[str, int] | Sequence[tuple[str, int]], *,
         raise ValueError(f"mesh axes {wanted}: sizes must be positive, with at most one -1")
     known = math.prod(size for size in sizes if size != -1)
     if -1 in sizes:
+        if len(devices) % known:
+            fixed = [size for size in sizes if size != -1]
+            product = " x ".join(map(str, fixed)) + (f" = {known}" if len(fixed) > 1 else "")
+            raise ValueError(f"mesh axes {wanted} do not fit the {len(devices)} devices: "
+                             f"{product} does not divide {len(devices)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh axes {wanted} do not fit the {len(devices)} devices: the "
@@ -126,6 +131,9 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
     return _REMAT_POLICIES[name]
 
 
+_LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def initialize_distributed(*, cluster_auto_detect: bool = False, **kwargs) -> bool:
     """Joins a multi-process run when launched as one; returns whether it did.
 
@@ -135,7 +143,8 @@ def initialize_distributed(*, cluster_auto_detect: bool = False, **kwargs) -> bo
     TPU pods, SLURM, Open MPI, Kubernetes), since probing for one from here would
     mean a network call on every laptop run. A single process does nothing.
     """
-    if not kwargs and "JAX_COORDINATOR_ADDRESS" in os.environ:
+    from_env = not kwargs and "JAX_COORDINATOR_ADDRESS" in os.environ
+    if from_env:
         kwargs = {
             "coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
             "num_processes": _env_int("JAX_NUM_PROCESSES"),
@@ -143,11 +152,28 @@ def initialize_distributed(*, cluster_auto_detect: bool = False, **kwargs) -> bo
         }
     if not kwargs and not cluster_auto_detect:
         return False
-    jax.distributed.initialize(**kwargs)
+    unset = [name for name in _LAUNCH_VARIABLES if name not in os.environ]
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # no cluster that JAX knows filled in what the launch left out
+        if from_env and unset:
+            hint = (f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(unset)} "
+                    f"{'is' if len(unset) == 1 else 'are'} not, and no cluster that JAX knows "
+                    "supplies them: set all three on every process")
+        elif not kwargs:
+            hint = ("--cluster_auto_detect found no cluster that JAX knows (Cloud TPU pod, "
+                    f"SLURM, Open MPI, Kubernetes): elsewhere set {', '.join(_LAUNCH_VARIABLES)} "
+                    "on every process")
+        else:
+            raise
+        raise ValueError(f"cannot join a multi-process run: {hint} (JAX: {e})") from e
     return True
 
 
 def _env_int(name: str) -> int | None:
     # None lets jax.distributed.initialize fill the value in from the cluster.
     value = os.environ.get(name)
-    return None if value is None else int(value)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: not an integer") from None

@@ -19,6 +19,7 @@ and videos), export/ and export_ema/ (official-layout model directories).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import time
@@ -126,6 +127,62 @@ def _eval_line(step: int, metrics: dict[str, float]) -> str:
     return f"eval at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
 
 
+# Config keys that shape the train state or the data position saved with it: where a
+# run's checkpoints do not restore, a change to one of these is the reason to name.
+# Others (total_steps, the intervals, the mesh, learning rates...) may change on resume.
+_STATE_KEYS = ("model", "disc", "optim.grad_clip", "init_from", "inflate", "image_vae")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} of nested dicts (lists are leaves)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _state_shaping(config: dict[str, Any]) -> dict[str, Any]:
+    """The values of `_STATE_KEYS` and the data sources' names in a config dict."""
+    values = {k: v for k, v in _flat(config).items()
+              if any(k == key or k.startswith(key + ".") for key in _STATE_KEYS)}
+    values["data source names"] = [s["name"] for s in config["data"]["sources"]]
+    return values
+
+
+def _state_config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """'key: <saved value> saved, <value> now' for each state-shaping value that differs
+    between a checkpoint's config and the current one."""
+    if saved is None:
+        return []
+    old = _state_shaping(saved)
+    new = _state_shaping(json.loads(json.dumps(current)))  # tuples as saved: lists
+    unset = "(unset)"
+    return [f"{k}: {old.get(k, unset)!r} saved, {new.get(k, unset)!r} now"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, unset) != new.get(k, unset)]
+
+
+def _resume_notes(saved: dict[str, Any], config, start: int) -> None:
+    """What a resumed run does differently from the run that saved `start`."""
+    saved_total = saved.get("total_steps", config.total_steps)
+    if saved_total != config.total_steps:
+        print(f"note: config.total_steps is {config.total_steps}, {saved_total} when step "
+              f"{start} was saved: the learning-rate schedule follows the new total", flush=True)
+    saved_devices = saved.get("device_count")  # absent from checkpoints of older versions
+    saved_batch = {s["name"]: s["batch_size"] for s in saved.get("data", {}).get("sources", [])}
+    devices = jax.device_count()
+    for source in config.data.sources:
+        name, now = source["name"], source["batch_size"]
+        if saved_devices is None or name not in saved_batch:
+            continue
+        before = saved_batch[name]
+        if before * saved_devices != now * devices:
+            print(f"note: source {name!r} takes {now * devices} examples a step ({now} per "
+                  f"device x {devices} devices), {before * saved_devices} when step {start} was "
+                  f"saved ({before} x {saved_devices}): batch_size is per device", flush=True)
+
+
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         check_config(config)
@@ -218,24 +275,37 @@ class Trainer:
         config = self.config
         pipeline = data.make_train_pipeline(config.data,
                                             per_process_batch_scale=jax.local_device_count())
+        # The device count goes with the config: batch sizes are per device.
         ckpt = RunCheckpointer(self.workdir / "checkpoints", save_every=config.checkpoint.every,
                                keep_last=config.checkpoint.keep_last,
                                keep_every=config.checkpoint.keep_every or None,
-                               config=config.to_dict(), async_save=config.checkpoint.async_save)
+                               config={**config.to_dict(), "device_count": jax.device_count()},
+                               async_save=config.checkpoint.async_save)
         start, state = 0, None
-        if ckpt.all_steps():
+        if steps := ckpt.all_steps():
+            saved_processes = ckpt.saved_process_count(steps[-1])
+            if saved_processes not in (None, jax.process_count()):
+                raise ValueError(
+                    f"the checkpoints in {ckpt.directory} were saved by {saved_processes} "
+                    f"processes, this run has {jax.process_count()}: each process restores "
+                    f"its own data position, so resume with {saved_processes} processes, or "
+                    "start afresh in a new workdir")
             restored = ckpt.restore_latest(self.abstract, data_target=pipeline)
             if restored is None:
-                raise RuntimeError(f"checkpoints {ckpt.all_steps()} exist in {ckpt.directory} "
+                saved = next(filter(None, map(ckpt.saved_config, reversed(steps))), None)
+                changed = _state_config_changes(saved, config.to_dict())
+                if changed:
+                    raise ValueError(
+                        f"the checkpoints in {ckpt.directory} were saved with another config "
+                        f"and do not restore into this one: {'; '.join(changed)}; use a new "
+                        "workdir, or set those keys back")
+                raise RuntimeError(f"checkpoints {steps} exist in {ckpt.directory} "
                                    "but none restores (see the warnings above); move them away "
                                    "to start afresh")
             start, state, _ = restored
             origin = f"checkpoint step {start}"
-            saved_total = (ckpt.saved_config(start) or {}).get("total_steps", config.total_steps)
-            if saved_total != config.total_steps and start < config.total_steps:
-                print(f"note: config.total_steps is {config.total_steps}, {saved_total} when step "
-                      f"{start} was saved: the learning-rate schedule follows the new total",
-                      flush=True)
+            if start < config.total_steps:
+                _resume_notes(ckpt.saved_config(start) or {}, config, start)
         else:
             state, origin = self.fresh_state()
         if start >= config.total_steps:

@@ -1,10 +1,15 @@
 """The run checkpointer: which steps it saves and keeps, exact resumes, damaged steps."""
 
+import functools
+import gc
 import logging
 import os
 import shutil
 import signal
+import sys
 import time
+import types
+import warnings
 
 import grain
 import jax
@@ -15,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from cvvae_jax import cli
 from cvvae_jax.run_checkpoint import PreemptionGuard, RunCheckpointer
 
 
@@ -173,3 +179,59 @@ def test_ctrl_c_stops_after_the_step_and_twice_at_once():
             while time.monotonic() < deadline + 5:
                 time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_saved_process_count_reads_the_data_files(tmp_path):
+    with RunCheckpointer(tmp_path, save_every=1, keep_last=2) as ckpt:
+        ckpt.maybe_save(1, _state(), {"pos": 1})
+        ckpt.wait()
+        assert ckpt.saved_process_count(1) == 1
+        # What two processes leave: one data file each.
+        data = tmp_path / "1" / "data"
+        (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+        (data / "process_1-of-2.json").write_text("{}")
+        assert ckpt.saved_process_count(1) == 2
+        assert ckpt.saved_process_count(7) is None
+
+
+class _Pending:
+    def __await__(self):
+        yield
+
+
+async def _read_array_index_and_device_put():
+    """Orbax's read coroutine as it fails when closed unfinished (serialization.py)."""
+    try:
+        await _Pending()
+    except BaseException as e:
+        raise Exception("Encountered error while reading array index: (slice(0, 32, 1),). "
+                        "See full TensorStore details: {...}") from e
+
+
+def test_quiet_libraries_drops_abandoned_orbax_reads(monkeypatch, capsys, request):
+    """After a failed restore Orbax's other reads are closed unfinished; each reports an
+    unraisable exception with the array's whole TensorStore spec. quiet_libraries drops
+    those, and the closed event loop's, and keeps every other unraisable exception."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        request.addfinalizer(functools.partial(logger.setLevel, logger.level))
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli.quiet_libraries()
+
+    async def other_coroutine():
+        try:
+            await _Pending()
+        finally:
+            raise ValueError("not Orbax's")
+
+    for make in (_read_array_index_and_device_put, other_coroutine):
+        coroutine = make()
+        coroutine.send(None)  # suspended at its await, then dropped: Python closes it
+        del coroutine
+        gc.collect()
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(
+        "Event loop is closed"), exc_traceback=None, err_msg=None, object=None))
+    err = capsys.readouterr().err
+    assert "not Orbax's" in err
+    assert "Encountered error" not in err and "Event loop" not in err

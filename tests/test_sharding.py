@@ -42,6 +42,13 @@ def test_make_mesh_on_one_device():
         sharding.make_mesh([("data", len(jax.devices()) + 1)])
     with pytest.raises(ValueError, match="at most one -1"):
         sharding.make_mesh({"data": -1, "fsdp": -1})
+    n = len(jax.devices())
+    with pytest.raises(ValueError) as e:
+        sharding.make_mesh({"data": -1, "fsdp": n + 1})
+    assert str(e.value) == (f"mesh axes {{'data': -1, 'fsdp': {n + 1}}} do not fit the {n} "
+                            f"devices: {n + 1} does not divide {n}")
+    with pytest.raises(ValueError, match=rf"2 x {n + 1} = {2 * n + 2} does not divide {n}$"):
+        sharding.make_mesh([("a", 2), ("data", -1), ("fsdp", n + 1)])
 
 
 def test_remat_policy_names():
@@ -73,6 +80,38 @@ def test_initialize_distributed_only_when_launched_so(monkeypatch):
                          "process_id": 2}
     sharding.initialize_distributed(coordinator_address="h:1", num_processes=2, process_id=0)
     assert calls[-1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+
+
+def test_initialize_distributed_names_what_a_launch_lacks(monkeypatch):
+    def initialize(coordinator_address=None, num_processes=None, process_id=None):
+        # What jax.distributed.initialize raises where no cluster fills in the gaps.
+        if coordinator_address is None:
+            raise ValueError("coordinator_address should be defined.")
+        if num_processes is None:
+            raise ValueError("Number of processes must be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError) as e:
+        sharding.initialize_distributed(cluster_auto_detect=True)
+    assert str(e.value) == (
+        "cannot join a multi-process run: --cluster_auto_detect found no cluster that JAX knows "
+        "(Cloud TPU pod, SLURM, Open MPI, Kubernetes): elsewhere set JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID on every process (JAX: coordinator_address should "
+        "be defined.)")
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    with pytest.raises(ValueError) as e:
+        sharding.initialize_distributed()
+    assert str(e.value) == (
+        "cannot join a multi-process run: JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES "
+        "and JAX_PROCESS_ID are not, and no cluster that JAX knows supplies them: set all three "
+        "on every process (JAX: Number of processes must be defined.)")
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="^JAX_NUM_PROCESSES='two': not an integer$"):
+        sharding.initialize_distributed()
 
 
 # The checks below run in the 8-device subprocess.

@@ -138,6 +138,10 @@ def wait_for(predicate, run: Run, what: str, timeout: float = TIMEOUT_S):
         time.sleep(0.02)
 
 
+def error_lines(run: Run) -> list[str]:
+    return [line for line in run.stderr.splitlines() if line.startswith("error:")]
+
+
 def logged_step(workdir: Path, step: int) -> bool:
     try:
         return step in train_rows(workdir)
@@ -266,35 +270,42 @@ def test_block_remat_matches_the_reference(env, reference, tmp_path):
     assert not any("perf/mfu" in line for line in (reference.workdir / "metrics.jsonl").open())
 
 
+def launch_two(attempt: str, workdir: Path, env: dict, args: list[str], *, worker: bool = False,
+               extra_env: dict | None = None, while_running=None) -> list[Run]:
+    """Two processes x 2 devices on localhost; `while_running(runs)` is called once both
+    started. Returns both runs, ended; fails unless both exit 0."""
+    port = portpicker.pick_unused_port()
+    runs = [Run(f"{attempt}_p{i}", workdir, env, *args, worker=worker, devices=2, extra_env={
+        **(extra_env or {}), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        if while_running is not None:
+            while_running(runs)
+        # Until both end, one fails (its peer would then wait for it), or time is up.
+        while (any(r.proc.poll() is None for r in runs)
+               and all(r.proc.poll() in (None, 0) for r in runs)
+               and time.monotonic() < runs[0].deadline):
+            time.sleep(0.1)
+    finally:  # never leave a process behind
+        for run in runs:
+            if run.proc.poll() is None:
+                run.proc.kill()
+    for run in runs:
+        run.wait()
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log() for r in runs)
+    return runs
+
+
 def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
     """jax.distributed on localhost (gloo): 2 processes x 2 devices, FSDP over processes;
-    3 steps and a checkpoint, then a second launch restores step 3."""
+    3 steps and a checkpoint, then a second launch restores step 3; one process alone
+    refuses the checkpoints, which hold each of the two processes' data position."""
     workdir = tmp_path / "run"
     args = [image_vae_flag(env), "--config.total_steps=3", "--config.mesh.data=2",
             "--config.mesh.fsdp=2", "--config.fsdp_min_size=4096",
             "--config.data.sources[0].batch_size=1"]
 
-    def launch(attempt: str) -> list[Run]:
-        port = portpicker.pick_unused_port()
-        runs = [Run(f"{attempt}_p{i}", workdir, env, *args, devices=2, extra_env={
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-        try:
-            # Until both end, one fails (its peer would then wait for it), or time is up.
-            while (any(r.proc.poll() is None for r in runs)
-                   and all(r.proc.poll() in (None, 0) for r in runs)
-                   and time.monotonic() < runs[0].deadline):
-                time.sleep(0.1)
-        finally:  # never leave a process behind
-            for run in runs:
-                if run.proc.poll() is None:
-                    run.proc.kill()
-        for run in runs:
-            run.wait()
-        assert [r.returncode for r in runs] == [0, 0], "\n".join(r.log() for r in runs)
-        return runs
-
-    first = launch("first")
+    first = launch_two("first", workdir, env, args)
     assert [r.started_at() for r in first] == [0, 0]
     assert sorted(train_rows(workdir)) == [1, 2, 3]  # process 0 logs
     assert saved_steps(workdir) == [3]
@@ -303,7 +314,7 @@ def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
     shutil.copytree(workdir / "export", tmp_path / "first_export" / "export")
     shutil.copytree(workdir / "export_ema", tmp_path / "first_export" / "export_ema")
 
-    second = launch("second")  # the finished run launched again: it only exports again
+    second = launch_two("second", workdir, env, args)  # the finished run launched again: it only exports again
     for r in second:
         assert "nothing to train: the run is at step 3, config.total_steps is 3" in r.stdout, r.log()
     stderr = second[0].stderr + second[1].stderr
@@ -312,6 +323,38 @@ def test_two_processes_train_checkpoint_and_restore(env, tmp_path):
     assert sorted(train_rows(workdir)) == [1, 2, 3] and saved_steps(workdir) == [3]
     # The restored state, gathered from both processes, is the one the first launch ended with.
     assert_same_export(workdir, tmp_path / "first_export")
+
+    alone = Run("one_process", workdir, env, *args, devices=4).check(2)
+    assert error_lines(alone) == [
+        f"error: the checkpoints in {workdir / 'checkpoints'} were saved by 2 processes, this run "
+        "has 1: each process restores its own data position, so resume with 2 processes, or "
+        "start afresh in a new workdir"], alone.log()
+    assert "could not be restored" not in alone.stderr  # refused before any restore
+
+
+def test_two_processes_save_on_ctrl_c(env, tmp_path):
+    """Ctrl-C to one process of two: it sends itself SIGTERM, JAX's preemption service makes
+    both stop at the same step and save it, and both exit 0."""
+    workdir = tmp_path / "run"
+    args = [image_vae_flag(env), "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.fsdp_min_size=4096", "--config.data.sources[0].batch_size=1"]
+
+    def interrupt(runs):
+        wait_for(lambda: logged_step(workdir, 1), runs[0], "step 1 in metrics.jsonl")
+        runs[0].proc.send_signal(signal.SIGINT)
+
+    # Batches after the first take 2 s: the signal lands mid-run.
+    runs = launch_two("ctrl_c", workdir, env, args, worker=True, while_running=interrupt,
+                      extra_env={"CVVAE_TEST_BATCH_DELAY_S": "2"})
+    at = [r.results()["preempted_at"] for r in runs]
+    assert at[0] == at[1] and 1 <= at[0] < 6, at
+    at = int(at[0])
+    assert "interrupted: stopping after this step to save it" in runs[0].stderr
+    assert f"stopping at step {at} (SIGINT): saving\nsaved step {at}" in runs[0].stdout
+    assert f"saved step {at}; the same command resumes the run" in runs[1].stdout
+    assert saved_steps(workdir)[-1] == at
+    assert {p.name for p in (workdir / "checkpoints" / str(at) / "data").iterdir()} >= {
+        "process_0-of-2.json", "process_1-of-2.json"}
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +457,67 @@ def test_bad_config_is_a_one_line_error(env, tmp_path, args, error):
     assert "Traceback" not in run.stderr
     assert run.stdout == ""
     assert not (tmp_path / "run").exists()  # it failed before creating anything
+
+
+@pytest.mark.parametrize("args,extra_env,error", [
+    (["--workdir=gs://bucket/run"], {},
+     "--workdir=gs://bucket/run: only local or mounted paths are supported (mount a bucket, e.g. "
+     "with gcsfuse, and pass the mount's path)"),
+    (["--cluster_auto_detect"], {},
+     "cannot join a multi-process run: --cluster_auto_detect found no cluster that JAX knows "
+     "(Cloud TPU pod, SLURM, Open MPI, Kubernetes): elsewhere set JAX_COORDINATOR_ADDRESS, "
+     "JAX_NUM_PROCESSES, JAX_PROCESS_ID on every process (JAX: coordinator_address should be "
+     "defined.)"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"},
+     "cannot join a multi-process run: JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES is "
+     "not, and no cluster that JAX knows supplies them: set all three on every process (JAX: "
+     "Number of processes must be defined.)"),
+])
+def test_bad_launch_is_a_one_line_error(env, tmp_path, args, extra_env, error):
+    run = Run("bad_launch", tmp_path / "run", env, image_vae_flag(env), *args,
+              extra_env=extra_env).check(2)
+    assert error_lines(run) == [f"error: {error}"], run.log()
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists() and not (REPO / "gs:").exists()
+
+
+@pytest.mark.parametrize("change,error", [
+    ("--config.disc.ndf=64", "disc.ndf: 32 saved, 64 now"),
+    ("--config.optim.grad_clip=0", "optim.grad_clip: 1.0 saved, 0.0 now"),
+    ("--config.data.sources[0].name=clips", "data source names: ['videos'] saved, ['clips'] now"),
+])
+def test_changed_config_is_named_not_called_damage(env, reference, tmp_path, change, error):
+    """A finished run launched again with a key that shapes the train state changed: none of
+    its checkpoints restores, and the run names the change instead of calling them damaged."""
+    reference_done(reference)
+    workdir = tmp_path / "run"
+    shutil.copytree(reference.workdir / "checkpoints", workdir / "checkpoints")
+    run = Run("changed", workdir, env, image_vae_flag(env), change).check(2)
+    assert error_lines(run) == [
+        f"error: the checkpoints in {workdir / 'checkpoints'} were saved with another config and "
+        f"do not restore into this one: {error}; use a new workdir, or set those keys back"], run.log()
+    # Orbax's abandoned reads print nothing (thousands of lines before cli.quiet_libraries).
+    assert len(run.stderr.splitlines()) < 10, run.log()
+    assert saved_steps(workdir) == [3, 6]
+
+
+def test_resume_notes_a_changed_global_batch(reference, monkeypatch, capsys):
+    """The saved config records the device count; batch_size is per device, so a resume on
+    another device count (or batch_size) notes the change of the global batch."""
+    from configs import cvvae
+    from cvvae_jax import trainer
+    from cvvae_jax.run_checkpoint import RunCheckpointer
+
+    with RunCheckpointer(reference_done(reference).workdir / "checkpoints", save_every=3,
+                         keep_last=2) as ckpt:
+        saved = ckpt.saved_config(3)
+    assert saved["device_count"] == 1
+    assert saved["data"]["sources"][0]["batch_size"] == 8
+    config = cvvae.get_config("tiny")  # sources 'videos' (batch 2) and 'images' (batch 8)
+    monkeypatch.setattr(trainer.jax, "device_count", lambda: 2)
+    trainer._resume_notes(saved, config, 3)
+    assert capsys.readouterr().out == (
+        "note: config.total_steps is 150, 6 when step 3 was saved: the learning-rate schedule "
+        "follows the new total\n"
+        "note: source 'videos' takes 4 examples a step (2 per device x 2 devices), 8 when step 3 "
+        "was saved (8 x 1): batch_size is per device\n")
