@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from . import cli, dtypes, media, metrics, tiling, weights
@@ -43,6 +44,8 @@ LATENTS_VERSION = "1"
 LATENTS_KEY = "latents"
 # The metadata that --decode-only reads back.
 _DECODE_KEYS = ("fps", "output_frames", "model", "source")
+# --out names that get the single frame of a still image, not a video.
+IMAGE_OUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # The sentinel for "as config.json says" in load_vae's chunk/tile overrides.
 FROM_CONFIG = "config"
 
@@ -417,7 +420,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     for out in (args.out, args.latents):
         if out is not None and out.resolve() == args.input.resolve():
             raise ValueError(f"{out} is the input file; write the output elsewhere")
-    if args.out is not None:
+    if args.out is not None and not _is_image(args.out):
         media.check_video_out(args.out)
     if args.latents is not None:
         if args.latents.is_dir():
@@ -437,19 +440,41 @@ def _load(args, config, clock) -> CVVAE:
 
 
 class _Output:
-    """The output video, written as chunks are decoded; removed if the run fails."""
+    """The output video, written as chunks are decoded, or with an image name the one
+    frame of a still; removed if the run fails."""
 
     def __init__(self, path: Path, fps: float):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.video = media.VideoOut(path, fps)
+        self.path, self.still = path, None
+        self.video = None if _is_image(path) else media.VideoOut(path, fps)
 
-    def __enter__(self) -> media.VideoOut:
-        return self.video
+    def __enter__(self) -> "_Output":
+        return self
+
+    def write(self, frames) -> None:
+        if self.video is not None:
+            self.video.write(frames)
+        elif self.still is not None or len(frames) > 1:
+            raise ValueError(f"--out {self.path} is an image, and the output has more than one "
+                             "frame: give a video name, or --max-frames 1")
+        else:
+            self.still = media.to_uint8(frames[0]) if frames.dtype != np.uint8 else frames[0]
 
     def __exit__(self, exc_type, *_) -> None:
-        self.video.close()
+        if self.video is not None:
+            self.video.close()
+        elif exc_type is None:
+            Image.fromarray(self.still).save(self.path)
         if exc_type is not None:
-            self.video.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_OUT_SUFFIXES
+
+
+def _length(path: Path, frames: int, fps: float) -> str:
+    return "an image" if _is_image(path) else f"{frames} frames, {fps:g} fps"
 
 
 def _tiles(bar: tqdm, stage: str):
@@ -469,6 +494,10 @@ def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
         frames = video.frames(max_frames=args.max_frames)
         first = clock("read", next, frames)
         print(f"input:   {args.input}: {first.shape[0]}x{first.shape[1]} (H x W) at {video.fps:g} fps")
+        expected = min(video.frame_count_hint or sys.maxsize, args.max_frames or sys.maxsize)
+        if args.out is not None and _is_image(args.out) and 1 < expected < sys.maxsize:
+            raise ValueError(f"--out {args.out} is an image, and {args.input} has {expected} frames: "
+                             "give a video name, or --max-frames 1")
         size_note = fit_size(first[None], args.size, args.fit, cfg.space_factor)[1]
         print(f"size:    {size_note}")
 
@@ -518,9 +547,10 @@ def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
             "model": cfg.CLASS_NAME, "dtype": args.dtype, **_chunking_meta(cfg)})
         print(f"wrote:   {args.latents} (latents)")
     if not args.encode_only:
-        print(f"PSNR:    {float(np.concatenate(psnr).mean()):.2f} dB (mean over {written} frames)")
+        over = f"mean over {written} frames" if written > 1 else "one frame"
+        print(f"PSNR:    {float(np.concatenate(psnr).mean()):.2f} dB ({over})")
         what = "input | reconstruction" if args.side_by_side else "reconstruction"
-        print(f"wrote:   {args.out} ({what}, {written} frames, {video.fps:g} fps)")
+        print(f"wrote:   {args.out} ({what}, {_length(args.out, written, video.fps)})")
 
 
 def _decode_file(args, vae: CVVAE, z: np.ndarray, fps: float, n_out: int, clock: _Clock) -> None:
@@ -535,7 +565,7 @@ def _decode_file(args, vae: CVVAE, z: np.ndarray, fps: float, n_out: int, clock:
             clock("write", out.write, y)
             written += len(y)
             bar.update(len(y))
-    print(f"wrote:   {args.out} (reconstruction, {written} frames, {fps:g} fps)")
+    print(f"wrote:   {args.out} (reconstruction, {_length(args.out, written, fps)})")
 
 
 def _run(args: argparse.Namespace) -> None:

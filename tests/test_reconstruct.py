@@ -11,6 +11,7 @@ import shutil
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 import cvvae_jax
 from cvvae_jax import assets, media, metrics, reconstruct, tiling
@@ -295,3 +296,17 @@ def test_a_failed_run_leaves_no_partial_video(tmp_path, monkeypatch):
     rc, _, err = run(CLIP, *COMMON, "--max-frames", 5, "--out", tmp_path / "x.mp4")
     assert rc == 2 and "disk full" in err and calls
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_still_image_can_come_back_as_an_image(tmp_path):
+    still = tmp_path / "still.png"
+    Image.fromarray(media.read_video(CLIP, max_frames=1)[0][0]).save(still)
+    rc, out, err = run(still, *COMMON, "--out", tmp_path / "recon.png", "--side-by-side")
+    assert rc == 0, err
+    assert "PSNR:" in out and "(one frame)" in out and "(input | reconstruction, an image)" in out
+    assert Image.open(tmp_path / "recon.png").size == (64 + 4 + 64, 40)
+    # A video cannot: refused before the model runs, with nothing written.
+    rc, out, err = run(CLIP, *COMMON, "--out", tmp_path / "video.png")
+    assert rc == 2 and "latents:" not in out and not (tmp_path / "video.png").exists()
+    assert err == (f"error: --out {tmp_path / 'video.png'} is an image, and {CLIP} has 81 frames: "
+                   "give a video name, or --max-frames 1\n")
