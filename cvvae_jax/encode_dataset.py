@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.process_index is None:
             sharding.initialize_distributed()
         source_config = source_config_from_args(args)
-        weights = resolve_dir(args.weights, args.subfolder)
+        weights = resolve_dir(args.weights, args.subfolder, [c.CLASS_NAME for c in CVVAE.CONFIG_CLASSES])
         vae = CVVAE.from_pretrained(weights, dtype=dtypes.resolve(args.dtype))
         result = encode_dataset(
             vae, source_config, args.out, shard_size=args.shard_size,

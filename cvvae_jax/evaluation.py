@@ -99,7 +99,8 @@ def model_dir(path: str, subfolder: str, ema: bool) -> Path:
         raise EvalError(f"{d} is a training workdir without {export.name}/ (written when "
                         "training ends); finish or resume the run, or export its latest "
                         f"checkpoint: python -m cvvae_jax.convert to-pytorch {d} DST")
-    return resolve_dir(path, subfolder or None)  # raises, naming what is missing
+    # Raises, naming what is missing.
+    return resolve_dir(path, subfolder or None, [c.CLASS_NAME for c in CVVAE.CONFIG_CLASSES])
 
 
 def eval_sources(config) -> list[dict[str, Any]]:

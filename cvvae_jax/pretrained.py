@@ -9,9 +9,10 @@ abstractly (`nnx.eval_shape`, no random init) and fills it from the file.
 from __future__ import annotations
 
 import functools
+import json
 import weakref
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,16 @@ from .model_config import load_config
 from .posterior import DiagonalGaussian
 
 
-def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
+def _class_name(config_path: Path) -> str | None:
+    try:
+        return json.loads(config_path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_dir(path: str | Path, subfolder: str | None, classes: Sequence[str] = ()) -> Path:
+    """The model directory `path[/subfolder]`; where it has no config.json the error
+    names the subfolders that hold a model, of one of `classes` if given."""
     d = Path(path) / subfolder if subfolder else Path(path)
     if (d / weights.CONFIG_NAME).is_file():
         return d
@@ -39,8 +49,15 @@ def resolve_dir(path: str | Path, subfolder: str | None) -> Path:
     if subfolder and (Path(path) / weights.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}, but {path} holds a model itself: "
                                 "leave the subfolder out")
-    subs = sorted(p.parent.name for p in Path(path).glob(f"*/{weights.CONFIG_NAME}"))
-    hint = f"; set the subfolder to one of {subs}" if subs else ""
+    subs = {p.parent.name: _class_name(p) for p in sorted(Path(path).glob(f"*/{weights.CONFIG_NAME}"))}
+    fitting = [name for name, cls in subs.items() if not classes or cls in classes]
+    if fitting:
+        hint = f"; set the subfolder to one of {fitting}"
+    elif subs:
+        hint = (f"; its subfolders hold other models ({', '.join(f'{n}: {c}' for n, c in subs.items())}), "
+                f"not a {' or '.join(classes)}")
+    else:
+        hint = ""
     raise FileNotFoundError(f"no {weights.CONFIG_NAME} in {d}{hint}")
 
 
@@ -136,7 +153,7 @@ class Pretrained(nnx.Module):
     def from_pretrained(cls, path: str | Path, subfolder: str | None = None, *,
                         dtype=jnp.float32, param_dtype=jnp.float32):
         """Load an official-layout or Orbax model directory (see the module docstring)."""
-        d = resolve_dir(path, subfolder)
+        d = resolve_dir(path, subfolder, [c.CLASS_NAME for c in cls.CONFIG_CLASSES])
         config = load_config(d / weights.CONFIG_NAME)
         cls._check_config(config, str(d / weights.CONFIG_NAME))
         dtype, param_dtype = cls._dtypes(dtype, param_dtype)

@@ -357,7 +357,7 @@ def _describe(vae: CVVAE, dtype: str) -> str:
 
 def _read_config(args) -> CVVAEConfig | CVVAESD3Config:
     """config.json alone: a wrong --weights fails fast, and the video is fitted to its factors."""
-    path = resolve_dir(args.weights, args.subfolder) / CONFIG_NAME
+    path = resolve_dir(args.weights, args.subfolder, [c.CLASS_NAME for c in CVVAE.CONFIG_CLASSES]) / CONFIG_NAME
     config = load_config(path)
     if not isinstance(config, CVVAE.CONFIG_CLASSES):
         raise ValueError(f"{path} is a {config.CLASS_NAME}, not a CV-VAE")

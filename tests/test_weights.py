@@ -78,6 +78,16 @@ def test_hugging_face_subfolder_layout(tmp_path):
         cvvae_jax.CVVAE.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"vae3d_sd3; set the subfolder to one of \['vae3d'\]"):
         cvvae_jax.CVVAE.from_pretrained(tmp_path, subfolder="vae3d_sd3")
+    # Subfolders of other models are not offered (a Stable Diffusion repo holds vae/, unet/...).
+    shutil.copytree(FIXTURES / "sd_vae_tiny", tmp_path / "vae")
+    with pytest.raises(FileNotFoundError, match=r"vae3d_sd3; set the subfolder to one of \['vae3d'\]$"):
+        cvvae_jax.CVVAE.from_pretrained(tmp_path, subfolder="vae3d_sd3")
+    with pytest.raises(FileNotFoundError, match=r"set the subfolder to one of \['vae'\]$"):
+        cvvae_jax.ImageVAE.from_pretrained(tmp_path)
+    shutil.copytree(FIXTURES / "sd_vae_tiny", tmp_path / "sd" / "vae")
+    with pytest.raises(FileNotFoundError, match=r"subfolders hold other models \(vae: AutoencoderKL\), "
+                                                r"not a CVVAEModel or CVVAESD3Model$"):
+        cvvae_jax.CVVAE.from_pretrained(tmp_path / "sd")
     with pytest.raises(FileNotFoundError, match="holds a model itself: leave the subfolder out"):
         cvvae_jax.CVVAE.from_pretrained(tmp_path / "vae3d", subfolder="vae3d")
     with pytest.raises(FileNotFoundError, match=r"config.json is a file; pass the model directory"):
