@@ -31,10 +31,14 @@ from tqdm import tqdm
 
 from . import cli, dtypes, latent_shards, sharding
 from .data import SampleSpec, SourceConfig, build_source_from_config, parse_source
+from .data.bad_data import SKIPS
 from .data.transforms import EvalSample
 from .model_config import frame_count_problem
 from .pretrained import resolve_dir
 from .vae import CVVAE
+
+# Skipped files named on the command line; all of them are in the shards' .json files.
+_SHOW_SKIPPED = 5
 
 
 def _source_description(source_config: SourceConfig, source) -> dict[str, Any]:
@@ -49,6 +53,10 @@ def _source_description(source_config: SourceConfig, source) -> dict[str, Any]:
     if files is not None:
         desc["path"] = str(source.root)
         desc["files_sha256"] = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    if desc.get("metadata"):  # the captions: one file however it is spelled, and its content
+        captions = Path(desc["metadata"]).resolve()
+        desc["metadata"] = str(captions)
+        desc["metadata_sha256"] = hashlib.sha256(captions.read_bytes()).hexdigest()
     return json.loads(json.dumps(desc))  # tuples -> lists, as they read back
 
 
@@ -198,6 +206,7 @@ def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
             writer.write(record)
 
     encoded = skipped = 0
+    skipped_files: list[dict[str, Any]] = []
     if indices:
         ds = grain.MapDataset.source(_Records(source, indices)).map(_Sample(spec))
         it = iter(ds.to_iter_dataset(grain.ReadOptions(
@@ -228,12 +237,13 @@ def encode_dataset(vae: CVVAE, source_config: SourceConfig, out: str | Path, *,
                     writer.close()
                 encoded += summary["encoded"]
                 skipped += len(summary["skipped"])
+                skipped_files += summary["skipped"]
         finally:
             bar.close()
             it.close()
     result = {"process_index": process_index, "process_count": process_count,
               "shards": len(owned), "shards_written": len(todo), "encoded": encoded,
-              "skipped": skipped}
+              "skipped": skipped, "skipped_files": skipped_files}
     metadata = latent_shards.finalize(out, layout)
     if metadata is not None:
         result["metadata"] = metadata
@@ -292,13 +302,24 @@ def source_config_from_args(args: argparse.Namespace) -> SourceConfig:
     return parse_source({k: v for k, v in entry.items() if v is not None})
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Values a run cannot use, named by their flag, before anything is loaded."""
+    for flag, value in (("--stride", args.stride), ("--batch-size", args.batch_size),
+                        ("--shard-size", args.shard_size), ("--read-threads", args.read_threads)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give the folder to write the shards into")
+    if (args.process_index is None) != (args.process_count is None):
+        raise ValueError("pass both --process-index and --process-count, or neither")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> None:
         start = time.perf_counter()
-        if (args.process_index is None) != (args.process_count is None):
-            raise ValueError("pass both --process-index and --process-count, or neither")
+        _check_args(args)
         if args.process_index is None:
             sharding.initialize_distributed()
         source_config = source_config_from_args(args)
@@ -314,17 +335,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"process {r['process_index']} of {r['process_count']}: {r['shards']} shard(s), "
               f"{r['shards_written']} written now ({r['encoded']} encoded, {r['skipped']} "
               f"skipped) in {time.perf_counter() - start:.1f} s")
+        if r["skipped_files"]:
+            shown = [f"{s['name']} ({s['reason']})" for s in r["skipped_files"][:_SHOW_SKIPPED]]
+            more = len(r["skipped_files"]) - len(shown)
+            print("skipped: " + ", ".join(shown) + (f" and {more} more" if more else "")
+                  + " (every one in its shard's .json)")
         metadata = result.get("metadata")
         if metadata is None:
             print(f"{args.out}: other processes' shards are still missing; "
                   f"{latent_shards.METADATA_NAME} gets its totals when the last one finishes")
         else:
             c = metadata["counts"]
-            bad = ", ".join(f"{k} {v}" for k, v in c["bad_data"].items())
+            skips = ", ".join(f"{k} {v}" for k, v in c["bad_data"].items() if k in SKIPS)
+            used = ", ".join(f"{k} {v}" for k, v in c["bad_data"].items() if k not in SKIPS)
             print(f"{args.out}: complete, {c['encoded']} records of latents "
                   f"{tuple(metadata['latent_shape'])} {metadata['latent_dtype']} in "
                   f"{metadata['num_shards']} shard(s), {c['skipped']} skipped"
-                  + (f" ({bad})" if bad else ""))
+                  + (f" ({skips})" if skips else "") + (f"; used after {used}" if used else ""))
 
     return cli.run(run)
 

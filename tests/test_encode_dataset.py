@@ -194,8 +194,11 @@ def test_cli_encodes_images_with_std_and_fails_in_one_line(media, vae, tmp_path,
         for got, ref in zip((r["latent"], r["latent_std"]), want[r["name"]]):
             np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2**-8, atol=1e-6)
 
+    (tmp_path / "a_file").write_text("")
     for bad, reason in ((["--data", str(tmp_path / "none")], "no such folder"),
-                        (["--weights", str(tmp_path / "none")], "no such directory")):
+                        (["--weights", str(tmp_path / "none")], "no such directory"),
+                        (["--out", str(tmp_path / "a_file")], "is a file; give the folder"),
+                        (["--batch-size", "0"], "--batch-size 0: must be >= 1")):
         patched = list(args)
         patched[patched.index(bad[0]) + 1] = bad[1]
         assert ed.main(patched) == 2
@@ -203,3 +206,35 @@ def test_cli_encodes_images_with_std_and_fails_in_one_line(media, vae, tmp_path,
         assert captured.out == ""
         assert captured.err.startswith("error: ") and reason in captured.err
         assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_cli_names_skipped_files_and_tells_repairs_from_skips(media, vae, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # cli.run replaces it
+    monkeypatch.setattr(ed.CVVAE, "from_pretrained", lambda path, **kwargs: vae)
+    out = tmp_path / "latents"
+    # 48 x 48 crops of 32 x 40 frames: every clip is enlarged first; the empty file is skipped.
+    args = ["--weights", str(WEIGHTS), "--data", str(media / "videos"), "--out", str(out),
+            "--frames", "5", "--stride", "2", "--size", "48", "48", "--batch-size", "2"]
+    assert ed.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "skipped: clip_6_empty.mp4 (empty_file) (every one in its shard's .json)"
+    assert lines[-1] == (f"{out}: complete, 6 records of latents (2, 6, 6, 4) float32 in 1 shard(s), "
+                         "1 skipped (empty_file 1); used after upscaled 6")
+
+
+def test_changed_captions_are_another_dataset(media, vae, tmp_path):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("file,caption\nclip_0.mp4,first\n")
+    source = parse_source({"name": "v", "kind": "video_folder", "path": str(media / "videos"),
+                           "frames": 5, "size": (32, 32), "stride": 2, "batch_size": 2,
+                           "metadata": str(captions)})
+    out = tmp_path / "latents"
+    ed.encode_dataset(vae, source, out, shard_size=2, process_index=0, process_count=2,
+                      progress=False)
+    captions.write_text("file,caption\nclip_0.mp4,second\n")
+    again = parse_source({**{k: getattr(source, k) for k in ("name", "kind", "path", "frames",
+                                                               "size", "stride", "batch_size")},
+                          "metadata": str(captions)})
+    with pytest.raises(ValueError, match=r"differing: source.metadata_sha256: '[0-9a-f]{36}\.\.\. -> "):
+        ed.encode_dataset(vae, again, out, shard_size=2, progress=False)

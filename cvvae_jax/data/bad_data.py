@@ -28,8 +28,8 @@ ALPHA_REPAIRED = "alpha_repaired"  # composited over white
 # Used as it is, but worth knowing: training on blurred frames teaches the VAE to blur.
 UPSCALED = "upscaled"  # smaller than the sample size: enlarged to cover it
 
-REASONS = (EMPTY_FILE, UNREADABLE, DECODE_ERROR, SHORT_CLIP_SKIPPED,
-           SHORT_CLIP_PADDED, GRAYSCALE_REPAIRED, ALPHA_REPAIRED, UPSCALED)
+SKIPS = (EMPTY_FILE, UNREADABLE, DECODE_ERROR, SHORT_CLIP_SKIPPED)
+REASONS = (*SKIPS, SHORT_CLIP_PADDED, GRAYSCALE_REPAIRED, ALPHA_REPAIRED, UPSCALED)
 _REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
 # A source whose records fail this many times in a row is broken, not unlucky:
