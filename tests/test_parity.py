@@ -132,3 +132,21 @@ def test_bfloat16_compute_stays_close_to_the_official_float32(cpu_bf16_dots):
     decoded = vae.decode(channels_last(io["video_mean"]))
     assert decoded.dtype == jnp.bfloat16
     assert rel_err(decoded.astype(jnp.float32), channels_last(io["video_decoded"])) < 5e-2
+
+
+@pytest.mark.parametrize("param_dtype", ["float16", "bfloat16"])
+def test_half_precision_storage_with_float32_compute_matches_the_float32_weights(param_dtype):
+    # The fixtures' weights are float16: stored so, they keep their values exactly, and a
+    # float32 decode must match the official one as well as float32 storage does.
+    io = np.load(FIXTURES / "cvvae_v1_tiny" / "io.npz")
+    vae = cvvae_jax.CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny", param_dtype=param_dtype)
+    decoded = vae.decode(channels_last(io["video_mean"]))
+    want = channels_last(io["video_decoded"])
+    if param_dtype == "float16":
+        assert rel_err(decoded, want) < TOL  # 1.2e-3 with the upsamplers' kernels summed in fp16
+    else:  # bfloat16 rounds the weights themselves (measured 1.6e-2 here, 3.2e-2 below)
+        assert rel_err(decoded, want) < 5e-2
+    image = cvvae_jax.ImageVAE.from_pretrained(FIXTURES / "sd_vae_tiny", param_dtype=param_dtype)
+    io = np.load(FIXTURES / "sd_vae_tiny" / "io.npz")
+    err = rel_err(image.decode(channels_last(io["image_mean"])), channels_last(io["image_decoded"]))
+    assert err < (TOL if param_dtype == "float16" else 5e-2), err
