@@ -16,6 +16,7 @@ Variants (`configs/eval.py:<variant>`):
 import ml_collections
 
 from cvvae_jax import assets
+from cvvae_jax.evaluation import TINY_RUNS
 
 
 def base() -> ml_collections.ConfigDict:
@@ -44,8 +45,8 @@ def base() -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    c.checkpoint = "runs/cvvae_tiny"
-    c.image_vae.path = "runs/image_vae_tiny/export"
+    c.checkpoint = TINY_RUNS["checkpoint"]  # runs/cvvae_tiny
+    c.image_vae.path = TINY_RUNS["image_vae.path"]  # runs/image_vae_tiny/export
     c.data = str(assets.path(assets.CLIPS[0]).parent)
     c.update(size=32, frames=17, stride=2)
     return c

@@ -15,10 +15,13 @@ The per-clip and aggregate numbers go to a JSON file, the markdown table
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ METRICS = ("psnr", "ssim", "lpips")
 DECIMALS = 6
 # LPIPS: VGG16 pools four times before its last tap.
 MIN_SIZE = 16
+# What configs/eval.py:tiny reads: the models README command 1 trains.
+TINY_RUNS = {"checkpoint": "runs/cvvae_tiny", "image_vae.path": "runs/image_vae_tiny/export"}
 
 
 class EvalError(ValueError):
@@ -67,7 +72,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not value:
             raise EvalError(f"set config.{key} to {hint}")
         if not Path(value).exists():
-            raise EvalError(f"config.{key}={value!r} does not exist")
+            hint = (f"; README command 1 trains it (or point config.{key} at a model)"
+                    if value == TINY_RUNS.get(key) else "")
+            raise EvalError(f"config.{key}={value!r} does not exist{hint}")
     if not Path(config.data).is_dir():
         raise EvalError(f"config.data={config.data!r} is a file; give the folder that holds it")
     if config.lpips_vgg_path and not Path(config.lpips_vgg_path).is_file():
@@ -103,22 +110,25 @@ def model_dir(path: str, subfolder: str, ema: bool) -> Path:
     return resolve_dir(path, subfolder or None, [c.CLASS_NAME for c in CVVAE.CONFIG_CLASSES])
 
 
-def eval_sources(config) -> list[dict[str, Any]]:
-    """The data package's eval sources for the folder: videos and/or images found in it."""
+def eval_sources(config) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The data package's eval sources for the folder (videos and/or images found in it),
+    and each one's file count."""
     root = Path(config.data)
-    suffixes = {p.suffix.lower() for p in root.rglob("*") if p.is_file()}
+    suffixes = collections.Counter(p.suffix.lower() for p in root.rglob("*") if p.is_file())
     common = {"path": str(root), "size": (config.size, config.size),
               "batch_size": config.batch_size}
-    sources = []
-    if suffixes & set(VIDEO_EXTENSIONS):
-        sources.append({"name": VIDEOS, "kind": "video_folder", "frames": config.frames,
-                        "stride": config.stride, **common})
-    if suffixes & set(IMAGE_EXTENSIONS):
-        sources.append({"name": IMAGES, "kind": "image_folder", "frames": 1, **common})
+    sources, files = [], {}
+    for name, extensions, source in (
+            (VIDEOS, VIDEO_EXTENSIONS, {"kind": "video_folder", "frames": config.frames,
+                                        "stride": config.stride}),
+            (IMAGES, IMAGE_EXTENSIONS, {"kind": "image_folder", "frames": 1})):
+        files[name] = sum(suffixes[e] for e in extensions)
+        if files[name]:
+            sources.append({"name": name, **source, **common})
     if not sources:
         raise EvalError(f"config.data={str(root)!r} holds no videos ({', '.join(VIDEO_EXTENSIONS)})"
                         f" or images ({', '.join(IMAGE_EXTENSIONS)})")
-    return sources
+    return sources, files
 
 
 def pipeline_for(config, source: dict[str, Any]) -> data.EvalPipeline:
@@ -167,8 +177,17 @@ class Scorer:
                                               b.astype(jnp.float32))
             return out
 
-        def scores(state, x, recon, view, baseline, key):
-            target = losses.map_frames(x, mapping, key, factor=time_factor)
+        def target_of(clip, key):
+            return losses.map_frames(clip[None], mapping, key, factor=time_factor)[0]
+
+        def scores(state, x, recon, view, baseline, key, first):
+            # One key per clip, by its index: a clip's "random" picks do not depend on
+            # which batch it lands in.
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first + jnp.arange(len(x)))
+            target = jax.vmap(target_of)(x, keys)
+            if mapping == "first":
+                # As the regulariser (objective.py): only latent frame 0 is compared.
+                view = view[:, :1]
             out = {"cvvae": score(state, x, recon), "compat": score(state, target, view)}
             if baseline is not None:
                 out["image_vae"] = score(state, x, baseline)
@@ -176,15 +195,18 @@ class Scorer:
 
         self._scores = jax.jit(scores, compiler_options=conv_forms.compiler_options())
 
-    def __call__(self, x, recon, view, baseline, key) -> dict[str, dict[str, np.ndarray]]:
+    def __call__(self, x, recon, view, baseline, key,
+                 first: int = 0) -> dict[str, dict[str, np.ndarray]]:
         """x, recon, baseline (B, T, H, W, 3) (baseline may be None), view (B, 1 + k, H, W, 3)
-        -> {row: {metric: (B, T') frame scores}}."""
-        return jax.device_get(self._scores(self._state, x, recon, view, baseline, key))
+        -> {row: {metric: (B, T') frame scores}}. Clip i maps its frames with
+        fold_in(key, first + i)."""
+        return jax.device_get(self._scores(self._state, x, recon, view, baseline, key, first))
 
 
-def run_batch(models: Models, x: np.ndarray, *, key: jax.Array,
+def run_batch(models: Models, x: np.ndarray, *, key: jax.Array, first: int,
               baseline: bool) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Per-frame scores of every row for x (B, T, H, W, 3), and the outputs for examples."""
+    """Per-frame scores of every row for x (B, T, H, W, 3), whose clips are the source's
+    `first`, `first` + 1, ..., and the outputs for examples."""
     vae, image_vae = models.vae, models.image_vae
     z = vae.encode(x).mode()
     out = {"input": x, "cvvae": vae.decode(z)}
@@ -198,7 +220,7 @@ def run_batch(models: Models, x: np.ndarray, *, key: jax.Array,
     out["compat"] = decoded[:n].reshape(z.shape[:2] + x.shape[2:])
     if baseline:
         out["image_vae"] = decoded[n:].reshape(x.shape)
-    scores = models.scorer(x, out["cvvae"], out["compat"], out.get("image_vae"), key)
+    scores = models.scorer(x, out["cvvae"], out["compat"], out.get("image_vae"), key, first)
     return scores, {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
@@ -245,20 +267,33 @@ def _quiet_bad_data(quiet: bool):
 
 
 def _source_pass(config, models: Models, source: dict, pipeline: data.EvalPipeline, bar,
-                 out_dir: Path) -> dict[str, Any]:
-    """All clips of one source: per-clip results, the source's aggregate, bad-data counts."""
+                 files: int, examples_dir: Path) -> dict[str, Any]:
+    """All clips of one source: per-clip results, the source's aggregate, bad-data counts.
+    The bar ticks once per file read (`files` of them), scored or skipped."""
     name, root = source["name"], Path(config.data)
     limit = config.max_clips or sys.maxsize
     clips, frames = [], {row: {} for row in ROWS}  # frames[row][metric]: per-clip arrays
     key = jax.random.key(config.seed)
     counts = pipeline.skip_counts()[name]
+    skipped, planned = 0, min(files, limit)
     for _, batch in pipeline:
         counts = _check_usable(batch, pipeline, counts, name, root, config.skip_bad)
-        keep = np.flatnonzero(batch["mask"])[:limit - len(clips)]
+        usable = np.flatnonzero(batch["mask"])
+        keep = usable[:limit - len(clips)]
+        # Files read but not scored (padding records have no name); past max_clips, none.
+        unused = np.array([bool(n) for n in batch["name"]]) & ~batch["mask"]
+        if len(keep) < len(usable):
+            unused[keep[-1] + 1:] = False
+        n_unused = int(unused.sum())
+        skipped += n_unused
+        # Under max_clips, each skipped file means one more is read to reach it.
+        bar.total += min(files, limit + skipped) - planned
+        planned = min(files, limit + skipped)
+        bar.update(n_unused)
         if not len(keep):
             continue
         scores, outputs = run_batch(models, batch["video"][keep], baseline=config.baseline,
-                                    key=jax.random.fold_in(key, len(clips)))
+                                    key=key, first=len(clips))
         for i, j in enumerate(keep):
             clip = {"name": str(batch["name"][j]), "source": name}
             for row in (r for r in ROWS if r in scores):
@@ -266,7 +301,7 @@ def _source_pass(config, models: Models, source: dict, pipeline: data.EvalPipeli
                 for m, a in scores[row].items():
                     frames[row].setdefault(m, []).append(a[i])
             if len(clips) < config.examples:
-                write_example(out_dir / "examples", name, len(clips), clip["name"],
+                write_example(examples_dir, name, len(clips), clip["name"],
                               {k: v[i] for k, v in outputs.items()},
                               time_factor=models.vae.config.time_factor)
             clips.append(clip)
@@ -281,32 +316,47 @@ def _source_pass(config, models: Models, source: dict, pipeline: data.EvalPipeli
     return {"clips": clips, "aggregate": aggregate, "data": counts}
 
 
+def _no_clip_error(config, counts: dict[str, dict[str, int]]) -> EvalError:
+    """Every file was skipped: say why, per data kind."""
+    why = "; ".join(f"{name}: " + ", ".join(f"{n} {reason}" for reason, n in c.items() if n)
+                    for name, c in counts.items())
+    return EvalError(f"config.data={config.data!r} gave no usable clip ({why})")
+
+
 def evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Run the evaluation; write the JSON and the examples; return the results."""
     check_config(config)
-    sources = eval_sources(config)
+    sources, files = eval_sources(config)
     default = "_".join(filter(None, ("runs/eval", Path(config.checkpoint).resolve().name,
                                      config.subfolder)))
     out_dir = Path(config.out_dir or default)
     start = time.perf_counter()
-    with _quiet_bad_data(not config.skip_bad):
+    # Examples go to out_dir only once the run succeeds: a failed one leaves no half folder.
+    with _quiet_bad_data(not config.skip_bad), tempfile.TemporaryDirectory() as tmp:
         # Built first: a folder with no readable file fails before any model loads.
         pipelines = {s["name"]: pipeline_for(config, s) for s in sources}
         models = Models(config)
         limit = config.max_clips or sys.maxsize
-        total = sum(min(p.num_batches[n] * config.batch_size, limit)
-                    for n, p in pipelines.items())
         # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
-        with tqdm(total=total, desc="eval", unit="clip", dynamic_ncols=True,
-                  mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
+        with tqdm(total=sum(min(files[n], limit) for n in pipelines), desc="eval", unit="clip",
+                  dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             passes = {s["name"]: _source_pass(config, models, s, pipelines[s["name"]], bar,
-                                              out_dir) for s in sources}
+                                              files[s["name"]], Path(tmp) / "examples")
+                      for s in sources}
+        if not any(p["clips"] for p in passes.values()):
+            raise _no_clip_error(config, {name: p["data"] for name, p in passes.items()})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if (Path(tmp) / "examples").is_dir():
+            shutil.rmtree(out_dir / "examples", ignore_errors=True)  # an earlier run's
+            shutil.move(Path(tmp) / "examples", out_dir / "examples")
     results = {
         "checkpoint": str(models.vae_dir),
         "image_vae": str(Path(config.image_vae.path) / (config.image_vae.subfolder or "")),
         "protocol": {"size": config.size, "frames": config.frames, "stride": config.stride,
-                     "mapping": config.mapping, "short_clip": config.short_clip,
-                     "dtype": config.dtype, "lpips": models.lpips is not None,
+                     "mapping": config.mapping, "seed": config.seed,
+                     "short_clip": config.short_clip, "dtype": config.dtype,
+                     "batch_size": config.batch_size, "max_clips": config.max_clips,
+                     "baseline": config.baseline, "lpips": models.lpips is not None,
                      "time_factor": models.vae.config.time_factor},
         "aggregate": {name: p["aggregate"] for name, p in passes.items()},
         "data": {name: p["data"] for name, p in passes.items()},
@@ -314,7 +364,6 @@ def evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
     }
     results["table"] = markdown_table(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     results["out_dir"] = str(out_dir)
     return results
@@ -324,6 +373,6 @@ def main(config: ml_collections.ConfigDict) -> int:
     """eval.py's body: evaluate, then print the table and where the files went."""
     results = evaluate(config)
     print(results["table"])
-    print(f"\nper-clip results: {results['out_dir']}/eval.json; examples: "
-          f"{results['out_dir']}/examples/")
+    examples = f"; examples: {results['out_dir']}/examples/" if config.examples else ""
+    print(f"\nper-clip results: {results['out_dir']}/eval.json{examples}")
     return 0
