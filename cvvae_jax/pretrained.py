@@ -62,17 +62,18 @@ def resolve_dir(path: str | Path, subfolder: str | None, classes: Sequence[str] 
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_part(graphdef: nnx.GraphDef, method: str):
+def jitted_part(graphdef: nnx.GraphDef, method: str, nested: bool = False):
     """`model.<method>(x)` as a pure jitted function of (state, x), one per model structure.
 
     jax caches one compilation per input shape, which is what makes every
-    distinct chunk/tile shape compile once.
+    distinct chunk/tile shape compile once. `nested`: for a call under a transformation
+    (jax.grad of the model's parameters), where a jit may not carry compiler options.
     """
 
     def run(state, x):
         return getattr(nnx.merge(graphdef, state), method)(x)
 
-    return jax.jit(run, compiler_options=conv_forms.compiler_options())
+    return jax.jit(run, compiler_options=None if nested else conv_forms.compiler_options())
 
 
 # model -> (its nnx.split, {method: bound jitted part}); entries go with their models.
@@ -96,7 +97,12 @@ def bound_part(model: nnx.Module, method: str):
         if isinstance(x, jax.core.Tracer):
             return getattr(model, method)(x)
         if model not in _BOUND:
-            _BOUND[model] = (nnx.split(model), {})
+            graphdef, state = nnx.split(model)
+            if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(state)):
+                # Parameters traced by a transformation outside any jit (jax.grad of them):
+                # a fresh model each call, so nothing to keep.
+                return jitted_part(graphdef, method, nested=True)(state, x)
+            _BOUND[model] = ((graphdef, state), {})
         (graphdef, state), parts = _BOUND[model]
         if method not in parts:
             parts[method] = functools.partial(jitted_part(graphdef, method), state)
@@ -225,12 +231,17 @@ def check_pixels(x, *, name: str, rank: int, channels: int, layout: str,
         raise ValueError(f"{name}: got an empty array, shape {shape} {layout}")
     dtype = np.asarray(x).dtype if not isinstance(x, jax.Array) else x.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
+        if max_abs is None:
+            raise ValueError(f"{name}: expected floating point values, got {dtype}")
         raise ValueError(f"{name}: expected floating point values in [-1, 1], got {dtype}; "
                          "for uint8 frames use x.astype(np.float32) / 127.5 - 1")
     x = jnp.asarray(x)
     if isinstance(x, jax.core.Tracer):
         return x
-    finite, peak = jax.device_get(_finite_and_peak(x))
+    checks = _finite_and_peak(x)
+    if isinstance(checks[0], jax.core.Tracer):  # a constant inside a transformation: no values yet
+        return x
+    finite, peak = jax.device_get(checks)
     if not finite:
         raise ValueError(f"{name}: contains NaN or Inf values")
     if max_abs is not None and peak > max_abs:

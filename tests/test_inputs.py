@@ -65,6 +65,8 @@ def test_decode_rejects(vae):
         vae.decode(np.zeros((1, 2, 2, 3, 16), np.float32))
     with pytest.raises(ValueError, match="expected a 5D array"):
         vae.decode(np.zeros((1, 2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^decode: expected floating point values, got int32$"):
+        vae.decode(np.zeros((1, 2, 2, 2, 4), np.int32))  # latents get no advice about pixels
 
 
 def test_image_vae_rejects(image_vae):
@@ -86,6 +88,23 @@ def test_encode_and_decode_trace_into_the_callers_jit(vae):
 
     ours = jax.jit(round_trip, compiler_options=cvvae_jax.compiler_options())(state, x)
     np.testing.assert_allclose(ours, vae.decode(vae.encode(x).mode()), atol=1e-5)
+
+
+def test_gradients_of_the_parameters_outside_any_jit(vae):
+    # jax.grad over the parameters, eagerly, with the latents a constant: the same
+    # gradients as under jit (a nested jit may carry no compiler options, and the
+    # input checks have no values to look at there).
+    z = np.random.default_rng(0).normal(size=(1, 2, 4, 4, 4)).astype(np.float32)
+    graphdef, state = nnx.split(vae)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state).decode(z) ** 2)
+
+    eager, jitted = jax.grad(loss)(state), jax.jit(jax.grad(loss))(state)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    grads = nnx.grad(lambda model: jnp.mean(model.decode(z) ** 2))(vae)
+    assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(state))
 
 
 def test_valid_shapes_give_the_documented_latent_shapes(vae):
