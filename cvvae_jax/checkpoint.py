@@ -7,6 +7,7 @@ official config) and `params/` (an Orbax PyTree checkpoint of the parameters);
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -27,6 +28,12 @@ def _params_path(directory: Path) -> Path:
 
 def is_orbax_dir(directory: Path) -> bool:
     return _params_path(directory).is_dir()
+
+
+def remove(directory: Path) -> None:
+    """Deletes the Orbax checkpoint in a model directory, if there is one."""
+    if is_orbax_dir(directory):
+        shutil.rmtree(_params_path(directory))
 
 
 def save(directory: Path, params: nnx.State) -> None:

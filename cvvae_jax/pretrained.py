@@ -173,23 +173,34 @@ class Pretrained(nnx.Module):
         return nnx.merge(graphdef, state)
 
     def state_dict(self, dtype=np.float32) -> dict[str, np.ndarray]:
-        """The official PyTorch state dict (numpy arrays, torch layout)."""
+        """The official PyTorch state dict (numpy arrays, torch layout) in `dtype`, one of
+        dtypes.STORAGE (short names too)."""
+        dtype = dtypes.resolve(dtype, dtypes.STORAGE, what="dtype")
         return weights.to_state_dict(nnx.state(self), dtype)
 
     def save_pretrained(self, path: str | Path, *, dtype=np.float32) -> Path:
-        """Write config.json + diffusion_pytorch_model.safetensors, the official layout."""
+        """Write config.json + diffusion_pytorch_model.safetensors, the official layout.
+
+        An Orbax checkpoint already in the directory is removed: `from_pretrained` would
+        load it rather than these weights.
+        """
         d = Path(path)
+        state_dict = self.state_dict(dtype)  # a bad dtype fails before anything is written
         d.mkdir(parents=True, exist_ok=True)
         self.config.to_json(d / weights.CONFIG_NAME)
-        weights.write_safetensors(d / weights.WEIGHTS_NAME, self.state_dict(dtype))
+        weights.write_safetensors(d / weights.WEIGHTS_NAME, state_dict)
+        checkpoint.remove(d)
         return d
 
     def save_orbax(self, path: str | Path) -> Path:
-        """Write config.json + an Orbax checkpoint of the parameters."""
+        """Write config.json + an Orbax checkpoint of the parameters; a safetensors file of
+        the official layout already in the directory is removed, so that the directory
+        holds one model whatever reads it."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         self.config.to_json(d / weights.CONFIG_NAME)
         checkpoint.save(d, nnx.state(self, nnx.Param))
+        (d / weights.WEIGHTS_NAME).unlink(missing_ok=True)
         return d
 
     def num_params(self) -> int:

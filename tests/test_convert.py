@@ -328,3 +328,18 @@ def test_bad_training_checkpoint_is_one_line(damage, train_checkpoint, tmp_path,
               else "could not read the parameters in")
     assert lines[0].startswith("error: ") and reason in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_saving_one_format_over_the_other_leaves_one_model(tmp_path):
+    v1 = CVVAE.from_pretrained(FIXTURES / "cvvae_v1_tiny")
+    sd3 = CVVAE.from_pretrained(FIXTURES / "cvvae_sd3_tiny")
+    v1.save_orbax(tmp_path)
+    sd3.save_pretrained(tmp_path, dtype="fp16")  # short dtype names, as everywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", weights.WEIGHTS_NAME]
+    assert CVVAE.from_pretrained(tmp_path).config == sd3.config  # not the stale Orbax v1
+    v1.save_orbax(tmp_path)
+    assert not (tmp_path / weights.WEIGHTS_NAME).exists()
+    assert CVVAE.from_pretrained(tmp_path).config == v1.config
+    with pytest.raises(ValueError, match=r"dtype 'int8': expected one of float32, bfloat16, float16"):
+        v1.save_pretrained(tmp_path / "int8", dtype=np.int8)
+    assert not (tmp_path / "int8").exists()
