@@ -42,6 +42,8 @@ class _Config:
     """Shared loading/saving; subclasses list the official fields."""
 
     CLASS_NAME: ClassVar[str] = ""
+    # Counts and widths (or tuples of them), which must be >= 1.
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
     # "_"-prefixed bookkeeping keys of the file (e.g. _diffusers_version), written back as read.
     meta: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -62,10 +64,7 @@ class _Config:
                 f"unknown {cls.CLASS_NAME} config option(s): {', '.join(unknown)}; "
                 f"known options: {', '.join(cls.field_names())}"
             )
-        annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        for k, v in d.items():
-            _check_type(f"{cls.CLASS_NAME} {k}", v, annotations[k])
-        return cls(meta=meta, **{k: _tuple(v) for k, v in d.items()})
+        return cls(meta=meta, **d)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "_Config":
@@ -93,6 +92,18 @@ class _Config:
         # Every way of building a config (from_dict, replace, a direct call) is checked:
         # a config built by hand with, say, chunks that are not whole latent frames
         # otherwise gave latents of the wrong length without an error.
+        for f in dataclasses.fields(self):
+            if f.name == "meta":
+                continue
+            value = getattr(self, f.name)
+            _check_type(f"{self.CLASS_NAME} {f.name}", value, str(f.type))
+            # Lists (as JSON has them) become tuples: the config is hashed as static
+            # model structure, and a list is not hashable.
+            object.__setattr__(self, f.name, _tuple(value))
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            _reject(any(v < 1 for v in (value if isinstance(value, tuple) else (value,))),
+                    f"{self.CLASS_NAME} {name}={value!r} must be >= 1")
         self.validate()
 
     def validate(self) -> None:
@@ -196,6 +207,8 @@ class CVVAEConfig(_VideoConfig):
     """`CVVAEModel`: the SD2.1-compatible CV-VAE v1 (LDM block names)."""
 
     CLASS_NAME: ClassVar[str] = "CVVAEModel"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("z_channels", "in_channels", "out_ch", "ch", "ch_mult",
+                                           "num_res_blocks")
 
     z_channels: int = 4
     in_channels: int = 3
@@ -237,6 +250,8 @@ class CVVAESD3Config(_VideoConfig):
     """`CVVAESD3Model`: the 16-channel CV-VAE for SD3 (diffusers block names)."""
 
     CLASS_NAME: ClassVar[str] = "CVVAESD3Model"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("in_channels", "out_channels", "block_out_channels",
+                                           "layers_per_block", "norm_num_groups")
 
     in_channels: int = 3
     out_channels: int = 16
@@ -266,6 +281,9 @@ class ImageVAEConfig(_Config):
     """diffusers `AutoencoderKL` (the Stable Diffusion image VAE)."""
 
     CLASS_NAME: ClassVar[str] = "AutoencoderKL"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("in_channels", "out_channels", "block_out_channels",
+                                           "layers_per_block", "latent_channels", "norm_num_groups",
+                                           "sample_size")
 
     in_channels: int = 3
     out_channels: int = 3

@@ -162,6 +162,17 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
             cvvae_jax.CVVAE.from_pretrained(d)
 
 
+def test_configs_built_by_hand_are_checked_like_files():
+    with pytest.raises(ValueError, match="CVVAEModel ch='32': expected int"):
+        cvvae_jax.CVVAEConfig(ch="32")
+    with pytest.raises(ValueError, match="AutoencoderKL latent_channels=0 must be >= 1"):
+        cvvae_jax.ImageVAEConfig(latent_channels=0)
+    # Lists, as JSON has them, become tuples: the config is hashed as static model structure.
+    config = cvvae_jax.CVVAEConfig(ch=32, ch_mult=[1, 1, 2, 2], attn_resolutions=[4])
+    assert config.ch_mult == (1, 1, 2, 2) and config.attn_resolutions == (4,)
+    assert hash(config) == hash(config.replace(ch_mult=(1, 1, 2, 2)))
+
+
 @pytest.mark.parametrize("change,message", [
     ({"bogus_option": 1}, "unknown CVVAEModel config option"),
     ({"dropout": 0.1}, "dropout=0.1 is not supported"),
@@ -175,6 +186,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
     ({"ch_mult": 3}, r"CVVAEModel ch_mult=3: expected tuple\[int, ...\]"),
     ({"causal_encoder": "yes"}, "causal_encoder='yes': expected bool"),
     ({"tile_spatial_size": 32.5}, r"tile_spatial_size=32.5: expected int \| None"),
+    ({"z_channels": 0}, "CVVAEModel z_channels=0 must be >= 1"),
+    ({"ch_mult": [1, 0, 2, 2]}, r"CVVAEModel ch_mult=\(1, 0, 2, 2\) must be >= 1"),
     ([], "expected a JSON object of config options, got a list"),
 ])
 def test_bad_config_options_are_rejected(tmp_path, change, message):
