@@ -44,14 +44,22 @@ class DiagonalGaussian:
     def mode(self) -> jax.Array:
         return self.mean
 
-    def kl(self) -> jax.Array:
-        """KL(q || N(0, I)) summed over every axis but the batch: shape (B,).
+    def kl(self, other: "DiagonalGaussian | None" = None) -> jax.Array:
+        """KL(q || p) summed over every axis but the batch: shape (B,); p is `other`, or
+        N(0, I) when it is None.
 
-        0.5 * sum(mean^2 + var - 1 - logvar). (diffusers sums over axes 1-3 only,
+        0.5 * sum((mean - mean_p)^2 / var_p + var / var_p - 1 - logvar + logvar_p), which for
+        N(0, I) is 0.5 * sum(mean^2 + var - 1 - logvar). (diffusers sums over axes 1-3 only,
         which for a 5D video would leave the width axis unsummed.)
         """
         axes = tuple(range(1, self.mean.ndim))
-        return 0.5 * jnp.sum(self.mean**2 + self.var - 1.0 - self.logvar, axis=axes)
+        if other is None:
+            return 0.5 * jnp.sum(self.mean**2 + self.var - 1.0 - self.logvar, axis=axes)
+        if not isinstance(other, DiagonalGaussian):
+            raise TypeError(f"kl: other must be a DiagonalGaussian (or None for N(0, I)), "
+                            f"got {type(other).__name__}")
+        return 0.5 * jnp.sum((self.mean - other.mean) ** 2 / other.var + self.var / other.var
+                             - 1.0 - self.logvar + other.logvar, axis=axes)
 
     def nll(self, sample: jax.Array) -> jax.Array:
         """-log q(sample) summed over every axis but the batch: shape (B,)."""

@@ -26,6 +26,19 @@ def test_kl_and_nll_sum_over_all_but_batch():
                                rtol=1e-6)
 
 
+def test_kl_to_another_gaussian():
+    q = DiagonalGaussian(mean=np.array([[1.0, 0.0]], np.float32),
+                         logvar=np.array([[0.0, np.log(4.0)]], np.float32))
+    p = DiagonalGaussian(mean=np.array([[0.0, 0.0]], np.float32),
+                         logvar=np.array([[np.log(2.0), np.log(4.0)]], np.float32))
+    # Per axis 0.5 * ((mu_q - mu_p)^2 / var_p + var_q / var_p - 1 - ln var_q + ln var_p):
+    # 0.5 * (1/2 + 1/2 - 1 + ln 2) and 0.5 * (0 + 1 - 1 - ln 4 + ln 4) = 0.
+    np.testing.assert_allclose(q.kl(p), [0.5 * np.log(2.0)], rtol=1e-6)
+    np.testing.assert_allclose(q.kl(q), [0.0], atol=1e-7)
+    standard = DiagonalGaussian(mean=np.zeros((1, 2), np.float32), logvar=np.zeros((1, 2), np.float32))
+    np.testing.assert_allclose(q.kl(standard), q.kl(), rtol=1e-6)
+
+
 def test_sample_has_the_posterior_moments():
     mean = np.full((4, 50_000), 3.0, np.float32)
     post = DiagonalGaussian(mean=mean, logvar=np.full_like(mean, np.log(0.25)))
