@@ -107,6 +107,8 @@ def time_taps(model) -> dict[str, int]:
 
 def inflate(cls, image_vae, *, seed: int = 0, param_dtype=np.float32, **config_overrides):
     """A `cls` (CVVAE) v1 model whose weights come from `image_vae` (module docstring)."""
+    if not isinstance(getattr(image_vae, "config", None), ImageVAEConfig):
+        raise TypeError(f"inflation takes an ImageVAE (the SD image VAE), got a {type(image_vae).__name__}")
     cfg = config_from_image_vae(image_vae.config, **config_overrides)
     video_vae = cls.from_config(cfg, seed=seed, dtype=image_vae.dtype, param_dtype=param_dtype)
     src = image_vae.state_dict()

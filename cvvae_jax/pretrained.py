@@ -80,6 +80,12 @@ def jitted_part(graphdef: nnx.GraphDef, method: str, nested: bool = False):
 _BOUND: "weakref.WeakKeyDictionary[nnx.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _check_concrete(state: nnx.State) -> None:
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(state)):
+        raise TypeError("an abstract model (`abstract()`: shapes, no parameter values); load one "
+                        "with from_pretrained or build one with from_config")
+
+
 def bound_part(model: nnx.Module, method: str):
     """`model.<method>` as a jitted function of x alone, over a split of `model` made once.
 
@@ -98,6 +104,7 @@ def bound_part(model: nnx.Module, method: str):
             return getattr(model, method)(x)
         if model not in _BOUND:
             graphdef, state = nnx.split(model)
+            _check_concrete(state)
             if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(state)):
                 # Parameters traced by a transformation outside any jit (jax.grad of them):
                 # a fresh model each call, so nothing to keep.
@@ -176,7 +183,9 @@ class Pretrained(nnx.Module):
         """The official PyTorch state dict (numpy arrays, torch layout) in `dtype`, one of
         dtypes.STORAGE (short names too)."""
         dtype = dtypes.resolve(dtype, dtypes.STORAGE, what="dtype")
-        return weights.to_state_dict(nnx.state(self), dtype)
+        state = nnx.state(self)
+        _check_concrete(state)
+        return weights.to_state_dict(state, dtype)
 
     def save_pretrained(self, path: str | Path, *, dtype=np.float32) -> Path:
         """Write config.json + diffusion_pytorch_model.safetensors, the official layout.

@@ -107,6 +107,16 @@ def test_gradients_of_the_parameters_outside_any_jit(vae):
     assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(state))
 
 
+def test_abstract_models_and_wrong_sources_say_what_they_are(vae, tmp_path):
+    abstract = cvvae_jax.CVVAE.abstract(vae.config)
+    for call in (lambda: abstract.encode(video()), lambda: abstract.save_pretrained(tmp_path / "m")):
+        with pytest.raises(TypeError, match=r"an abstract model .* from_pretrained or .* from_config"):
+            call()
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(TypeError, match="inflation takes an ImageVAE .*, got a CVVAE"):
+        cvvae_jax.CVVAE.from_image_vae(vae)
+
+
 def test_valid_shapes_give_the_documented_latent_shapes(vae):
     post = vae.encode(video(t=9, h=32, w=40))
     assert post.mean.shape == post.logvar.shape == (1, 3, 4, 5, 4)
