@@ -338,7 +338,7 @@ def evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         models = Models(config)
         limit = config.max_clips or sys.maxsize
         # Redirected to a file, a bar redrawn 10 times a second is mostly noise.
-        with tqdm(total=sum(min(files[n], limit) for n in pipelines), desc="eval", unit="clip",
+        with tqdm(total=sum(min(files[n], limit) for n in pipelines), desc="eval", unit="file",
                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
             passes = {s["name"]: _source_pass(config, models, s, pipelines[s["name"]], bar,
                                               files[s["name"]], Path(tmp) / "examples")

@@ -110,6 +110,7 @@ def test_progress_bar_counts_files_not_padding_and_ticks_for_skipped_ones(run):
     # 3 videos (broken.mp4 skipped) and 3 images, each kind padded to 4 by batches of 2.
     done, total = re.findall(r"(\d+)/(\d+)", run[3])[-1]
     assert (done, total) == ("6", "6"), run[3]
+    assert "file/s" in run[3] or "s/file" in run[3], run[3]
 
 
 def test_cvvae_numbers_are_those_of_an_independent_reconstruction(run):
