@@ -494,9 +494,11 @@ def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
         frames = video.frames(max_frames=args.max_frames)
         first = clock("read", next, frames)
         print(f"input:   {args.input}: {first.shape[0]}x{first.shape[1]} (H x W) at {video.fps:g} fps")
-        expected = min(video.frame_count_hint or sys.maxsize, args.max_frames or sys.maxsize)
-        if args.out is not None and _is_image(args.out) and 1 < expected < sys.maxsize:
-            raise ValueError(f"--out {args.out} is an image, and {args.input} has {expected} frames: "
+        # Frames to come, where the header or --max-frames says (None: unknown).
+        total = min(video.frame_count_hint or sys.maxsize, args.max_frames or sys.maxsize)
+        total = None if total == sys.maxsize else total
+        if args.out is not None and _is_image(args.out) and (total or 1) > 1:
+            raise ValueError(f"--out {args.out} is an image, and {args.input} has {total} frames: "
                              "give a video name, or --max-frames 1")
         size_note = fit_size(first[None], args.size, args.fit, cfg.space_factor)[1]
         print(f"size:    {size_note}")
@@ -506,7 +508,6 @@ def _reconstruct(args, vae: CVVAE, clock: _Clock) -> None:
                 yield fit_size(frame[None], args.size, args.fit, cfg.space_factor)[0][0]
 
         chunks = FrameChunks(fitted(), cfg.encode_frames_per_chunk, args.frames, cfg.time_factor)
-        total = video.frame_count_hint and min(video.frame_count_hint, args.max_frames or sys.maxsize)
         z_chunks, psnr, written = [], [], 0
         output = contextlib.nullcontext() if args.encode_only else _Output(args.out, video.fps)
         desc = "encode" if args.encode_only else "reconstruct"
